@@ -1,3 +1,14 @@
 """slothbook: fast, memory-lean LoRA and QLoRA fine-tuning, made for notebooks."""
 
 __version__ = "0.1.0"
+
+from .errors import SlothbookError  # noqa: E402
+from .fast import FastLanguageModel  # noqa: E402
+
+__all__ = ["FastLanguageModel", "SlothbookError", "__version__"]
+
+
+def load_ipython_extension(ipython):  # `%load_ext slothbook`
+    from .magics import load_ipython_extension as _load
+
+    _load(ipython)

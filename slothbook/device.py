@@ -1,0 +1,64 @@
+"""What the hardware offers: the devices, and the dtype that suits each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError, DeviceError
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int | None  # None for the CPU
+    name: str
+    capability: str
+    bf16: bool
+    total_bytes: int
+    free_bytes: int
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Every CUDA device with its free memory, or the CPU alone when there is none."""
+    if not torch.cuda.is_available():
+        import psutil
+
+        vm = psutil.virtual_memory()
+        return [DeviceInfo(None, "CPU", "-", True, vm.total, vm.available)]
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        free, total = torch.cuda.mem_get_info(i)
+        out.append(DeviceInfo(i, props.name, f"{props.major}.{props.minor}", props.major >= 8, total, free))
+    return out
+
+
+def bf16_supported() -> bool:
+    # Ampere (8.0) and newer do bf16 natively; emulated bf16 on older cards is slow, so it counts as missing.
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """`None` picks bf16 on GPUs that have it, fp16 on older GPUs (T4-class), fp32 on the CPU."""
+    if dtype is None:
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if bf16_supported() else torch.float16
+    if isinstance(dtype, str):
+        if dtype.lower() not in _DTYPES:
+            raise ConfigError(f"Unknown dtype '{dtype}'. Use one of: bf16, fp16, fp32 (or None to choose automatically).")
+        dtype = _DTYPES[dtype.lower()]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ConfigError(f"dtype {dtype} is not supported for training; use bf16, fp16 or fp32.")
+    if dtype == torch.bfloat16 and torch.cuda.is_available() and not bf16_supported():
+        name = torch.cuda.get_device_name()
+        raise DeviceError(f"bf16 was asked for, but the GPU '{name}' does not support it. "
+                          "Use dtype=torch.float16 (or dtype=None to choose automatically).")
+    return dtype

@@ -1,0 +1,69 @@
+"""`FastLanguageModel`: the Unsloth-compatible entry point, a small facade over models/, train/ and export/."""
+
+from __future__ import annotations
+
+from .models.adapters import add_lora
+from .models.embedded import EMBEDDED_ALIAS
+from .models.loader import load_model
+from .models.modes import for_inference, for_training
+from .train.checkpointing import set_gradient_checkpointing
+
+
+class FastLanguageModel:
+    """Load a model, add LoRA adapters, switch between training and inference."""
+
+    @staticmethod
+    def from_pretrained(
+        model_name: str = EMBEDDED_ALIAS,
+        max_seq_length: int = 2048,
+        dtype=None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
+        token=None,
+        device_map=None,
+        trust_remote_code: bool = False,
+        rope_scaling: dict | None = None,
+        **kwargs,
+    ):
+        """Return `(model, tokenizer)`.
+
+        model_name: a local HF folder, a hub id, a .gguf file, or "smollm2-135m" (the embedded model).
+        dtype: None picks bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU.
+        load_in_4bit: NF4 with double quantization for every decoder Linear (QLoRA); lm_head and embeddings stay.
+        """
+        model, tokenizer = load_model(
+            model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit, token=token, device_map=device_map, trust_remote_code=trust_remote_code,
+            rope_scaling=rope_scaling, **kwargs,
+        )
+        model.slothbook_tokenizer = tokenizer
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(
+        model,
+        r: int = 16,
+        target_modules=None,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        bias: str = "none",
+        use_gradient_checkpointing=True,
+        random_state: int = 3407,
+        use_rslora: bool = False,
+        modules_to_save=None,
+        max_seq_length: int | None = None,
+        **kwargs,
+    ):
+        """Wrap `model` in a PEFT LoRA PeftModel with the family's projections as default targets."""
+        peft_model = add_lora(
+            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+            random_state=random_state, use_rslora=use_rslora, modules_to_save=modules_to_save, **kwargs,
+        )
+        if max_seq_length is not None:
+            peft_model.max_seq_length = max_seq_length
+        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+        for_training(peft_model)
+        return peft_model
+
+    for_inference = staticmethod(for_inference)
+    for_training = staticmethod(for_training)

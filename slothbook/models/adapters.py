@@ -1,0 +1,73 @@
+"""Attaching LoRA adapters through PEFT (a real PeftModel: saved and loaded by PEFT)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .families import family_of
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """The distinct leaf names of the model's Linear layers (bitsandbytes ones included), lm_head excluded."""
+    names = set()
+    for full_name, module in model.named_modules():
+        leaf = full_name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and leaf != "lm_head":  # bnb Linear4bit/8bitLt subclass nn.Linear
+            names.add(leaf)
+    return sorted(names)
+
+
+def _check_targets(model: nn.Module, target_modules) -> list[str]:
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    available = linear_module_names(model)
+    missing = [t for t in target_modules if t not in available]
+    if missing:
+        raise ConfigError(f"target_modules {missing} are not in this model. Its linear layers are: "
+                          f"{', '.join(available)}.")
+    return list(target_modules)
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    target_modules=None,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    bias: str = "none",
+    random_state: int = 3407,
+    use_rslora: bool = False,
+    modules_to_save=None,
+    **lora_kwargs,
+):
+    """Freeze the base and wrap it in a PEFT LoRA PeftModel; only adapter weights (and modules_to_save) train."""
+    from peft import LoraConfig, get_peft_model
+
+    if not isinstance(r, int) or r <= 0:
+        raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}. Typical values: 8, 16, 32, 64.")
+    if lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha must be positive, got {lora_alpha!r}.")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
+    family = family_of(model.config)
+    targets = _check_targets(model, target_modules or family.target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        bias=bias,
+        target_modules=targets,
+        use_rslora=use_rslora,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)
+        # PEFT keeps adapter weights in fp32 over a half-precision base (autocast_adapter_dtype), which keeps
+        # Adam's updates of the small A/B matrices stable.
+        return get_peft_model(model, config)

@@ -1,0 +1,10 @@
+"""Gemma, Gemma-2 (logit soft-capping, sandwich norms) and Gemma-3 text models.
+
+All three scale embeddings by sqrt(hidden), use RMSNorm with (1 + weight) and a tanh-approximated GeGLU MLP.
+"""
+
+from .base import Family
+
+GEMMA = Family(model_type="gemma", activation="geglu_tanh", norm_offset=1.0)
+GEMMA2 = Family(model_type="gemma2", activation="geglu_tanh", norm_offset=1.0)
+GEMMA3 = Family(model_type="gemma3", activation="geglu_tanh", norm_offset=1.0)

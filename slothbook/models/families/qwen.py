@@ -1,0 +1,6 @@
+"""Qwen2 / Qwen2.5 (q/k/v biases) and Qwen3 (q/k RMSNorm inside attention)."""
+
+from .base import Family
+
+QWEN2 = Family(model_type="qwen2")
+QWEN3 = Family(model_type="qwen3")

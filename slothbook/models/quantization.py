@@ -1,0 +1,32 @@
+"""bitsandbytes quantization settings for 4-bit (NF4, double-quantized) and 8-bit loading."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+# Kept in the compute dtype: quantizing the output head costs accuracy and saves little.
+SKIP_MODULES = ["lm_head"]
+
+
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit were both set; choose one (4-bit is the usual QLoRA choice).")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("4-bit and 8-bit loading need bitsandbytes: pip install bitsandbytes") from exc
+    if load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=SKIP_MODULES,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
