@@ -1,0 +1,330 @@
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * (weight + offset), over the last dim.
+
+``offset=0.0`` is the Llama form; ``offset=1.0`` is Gemma's ``(1 + weight)`` form. Math runs in fp32 for any
+input dtype and the output has the input's dtype. Two casting conventions match the two Hugging Face families:
+
+- ``"llama"`` (LlamaRMSNorm, Qwen, Mistral...): the normalised row is rounded to the input dtype, then multiplied
+  by the weight, then rounded again, as ``weight * hidden.to(input_dtype)`` does.
+- ``"gemma"`` (GemmaRMSNorm): the whole product is computed in fp32 and rounded once.
+
+``casting=None`` picks ``"gemma"`` when ``offset != 0`` and ``"llama"`` otherwise. Unlike HF with an fp32 weight
+and a bf16 input (which returns fp32), the output is always in the input dtype.
+
+Forward saves the input, the weight and one fp32 inverse RMS per row. Backward computes the weight gradient
+without atomics: a grid of persistent programs (one per SM) each sums its rows into its own fp32 row of a
+``[programs, hidden]`` buffer, which one ``sum`` reduces. It is skipped when the weight needs no gradient
+(frozen norms in LoRA training).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import nn
+
+from slothbook.errors import ConfigError
+
+from ._utils import (
+    as_rows,
+    check_device,
+    check_out,
+    num_programs_for,
+    row_launch_config,
+    writable_rows,
+)
+
+__all__ = [
+    "RMSNorm",
+    "RMSNormFunction",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
+    "rms_norm_reference",
+]
+
+_CASTINGS = ("llama", "gemma")
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, x_row_stride,
+    W,
+    Y, y_row_stride,
+    RSTD,
+    n_cols, eps, offset,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+
+    x_raw = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0)
+    x = x_raw.to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    tl.store(RSTD + row, rstd)
+
+    x_hat = x * rstd
+    if CAST_BEFORE_WEIGHT:
+        x_hat = x_hat.to(x_raw.dtype).to(tl.float32)
+    y = x_hat * w
+    tl.store(Y + row * y_row_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, dy_row_stride,
+    X, x_row_stride,
+    W,
+    RSTD,
+    DX, dx_row_stride,
+    DW_PARTIAL,
+    n_rows, n_cols, offset, rows_per_program,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # dx = rstd * (dy*w - x_hat * mean(dy*w*x_hat)),  dw = sum_rows(dy * x_hat),  w = weight + offset
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+
+    # int64 bounds make the loop index int64, so row offsets cannot overflow on long inputs.
+    row_start = pid.to(tl.int64) * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for r in range(row_start, row_end):
+        x = tl.load(X + r * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + r)
+
+        x_hat = x * rstd
+        dyw = dy * w
+        c = tl.sum(dyw * x_hat, axis=0) / n_cols
+        dx = (dyw - x_hat * c) * rstd
+        tl.store(DX + r * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw_acc += dy * x_hat
+
+    if COMPUTE_DW:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+
+
+def _resolve_casting(casting: str | None, offset: float) -> str:
+    if casting is None:
+        return "gemma" if offset != 0.0 else "llama"
+    if casting not in _CASTINGS:
+        raise ConfigError(f"casting must be one of {_CASTINGS} or None, got {casting!r}")
+    return casting
+
+
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ConfigError(
+            f"weight must be 1-D with {x.shape[-1]} elements (the last dim of x), got shape {tuple(weight.shape)}"
+        )
+
+
+def rms_norm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting: str | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Returns ``(y, rstd)``: y shaped like x, rstd fp32 ``[rows]``.
+
+    ``out`` (optional) receives y; it must match x in shape, dtype and device. No autograd here.
+    """
+    _check_shapes(x, weight)
+    check_device(x, weight)
+    casting = _resolve_casting(casting, offset)
+    x_rows = as_rows(x)
+    n_rows, n_cols = x_rows.shape
+
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    check_out(out, x)
+    y_rows = writable_rows(out)
+    y_work = y_rows if y_rows is not None else torch.empty_like(x_rows)
+
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    if n_rows > 0:
+        block, num_warps = row_launch_config(n_cols)
+        _rms_norm_fwd_kernel[(n_rows,)](
+            x_rows, x_rows.stride(0),
+            weight.contiguous(),
+            y_work, y_work.stride(0),
+            rstd,
+            n_cols, float(eps), float(offset),
+            CAST_BEFORE_WEIGHT=casting == "llama",
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )
+    if y_rows is None:
+        out.copy_(y_work.view(out.shape))
+    return out, rstd
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float = 0.0,
+    compute_dw: bool = True,
+    dx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the backward kernel. Returns ``(dx, dw)``; dw is None when ``compute_dw`` is False.
+
+    ``dx`` (optional) receives the input gradient; it may be ``dy`` itself (each row is read before it is
+    written). dw has the weight's dtype, reduced in fp32.
+    """
+    _check_shapes(x, weight)
+    check_device(dy, x, weight)
+    x_rows = as_rows(x)
+    dy_rows = as_rows(dy)
+    n_rows, n_cols = x_rows.shape
+
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    check_out(dx, x, "dx")
+    dx_rows = writable_rows(dx)
+    dx_work = dx_rows if dx_rows is not None else torch.empty_like(x_rows)
+
+    block, num_warps = row_launch_config(n_cols)
+    n_programs = num_programs_for(x.device, n_rows)
+    rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
+    if n_rows:
+        n_programs = triton.cdiv(n_rows, rows_per_program)
+    dw_partial = (
+        torch.empty((n_programs, n_cols), dtype=torch.float32, device=x.device) if compute_dw else rstd
+    )
+    if n_rows > 0:
+        _rms_norm_bwd_kernel[(n_programs,)](
+            dy_rows, dy_rows.stride(0),
+            x_rows, x_rows.stride(0),
+            weight.contiguous(),
+            rstd,
+            dx_work, dx_work.stride(0),
+            dw_partial,
+            n_rows, n_cols, float(offset), rows_per_program,
+            COMPUTE_DW=compute_dw,
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )
+    if dx_rows is None:
+        dx.copy_(dx_work.view(dx.shape))
+    if not compute_dw:
+        return dx, None
+    if n_rows == 0:
+        return dx, torch.zeros_like(weight)
+    return dx, dw_partial.sum(dim=0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd wrapper: saves x, weight and the fp32 inverse RMS; no normalised copy of x is kept."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        y, rstd = rms_norm_forward(x, weight, eps, offset, casting)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset = offset
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_backward(dy, x, weight, rstd, ctx.offset, compute_dw=ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None), dw, None, None, None
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    *,
+    casting: str | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMSNorm over the last dim of ``x`` (any leading shape), autograd-aware.
+
+    ``out`` writes the result into a preallocated buffer; it is only allowed when no gradient is needed
+    (like torch's ``out=`` arguments).
+    """
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if out is not None:
+        if needs_grad:
+            raise ConfigError("rms_norm(out=...) does not support autograd; call it under torch.no_grad()")
+        return rms_norm_forward(x, weight, eps, offset, casting, out=out)[0]
+    if needs_grad:
+        return RMSNormFunction.apply(x, weight, eps, offset, _resolve_casting(casting, offset))
+    return rms_norm_forward(x, weight, eps, offset, casting)[0]
+
+
+def rms_norm_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    casting: str | None = None,
+) -> torch.Tensor:
+    """Plain-torch RMSNorm following the HF formulas (math in fp32, or float64 for float64 inputs)."""
+    casting = _resolve_casting(casting, offset)
+    input_dtype = x.dtype
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if casting == "llama":
+        return ((weight + offset) * h.to(input_dtype)).to(input_dtype)
+    return (h * (weight.to(h.dtype) + offset)).to(input_dtype)
+
+
+class RMSNorm(nn.Module):
+    """Drop-in RMSNorm module backed by the Triton kernel.
+
+    The weight starts at ``1 - offset`` so the effective scale ``weight + offset`` starts at one (ones for
+    Llama, zeros for Gemma, as the HF modules initialise them).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        offset: float = 0.0,
+        casting: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
+        self.eps = eps
+        self.offset = offset
+        self.casting = _resolve_casting(casting, offset)
+
+    @classmethod
+    def from_hf(cls, module: nn.Module, offset: float = 0.0, casting: str | None = None) -> RMSNorm:
+        """Wrap an existing HF norm module, SHARING its weight Parameter (no copy).
+
+        ``eps`` is read from ``variance_epsilon`` (Llama family) or ``eps`` (Gemma family). The offset cannot be
+        read from the module: pass ``offset=1.0`` for Gemma-style norms.
+        """
+        eps = getattr(module, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(module, "eps", None)
+        if eps is None:
+            raise ConfigError(f"{type(module).__name__} has neither `variance_epsilon` nor `eps`; pass a norm module")
+        weight = module.weight
+        norm = cls(weight.shape[0], eps=float(eps), offset=offset, casting=casting, device="meta")
+        norm.weight = weight
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, self.offset, casting=self.casting)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, offset={self.offset}, casting={self.casting!r}"
