@@ -97,7 +97,7 @@ def load_model(
     apply_rope_scaling(config, max_seq_length, rope_scaling)
     if device_map is None:
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    kwargs.setdefault("attn_implementation", "sdpa")
+    kwargs.setdefault("attn_implementation", family.attention)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         config=config,

@@ -16,6 +16,7 @@ class Family:
     activation: the MLP's gated activation ("swiglu", "geglu_tanh" or "geglu").
     norm_offset: 1.0 where the RMSNorm multiplies by (1 + weight) (Gemma), else 0.0.
     fused_qkv / fused_gate_up: projections stored as one Linear (Phi-3).
+    attention: transformers' attn_implementation ("sdpa" unless the family needs another).
     """
 
     model_type: str
@@ -24,4 +25,5 @@ class Family:
     norm_offset: float = 0.0
     fused_qkv: bool = False
     fused_gate_up: bool = False
+    attention: str = "sdpa"
     notes: tuple[str, ...] = field(default_factory=tuple)

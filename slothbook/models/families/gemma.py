@@ -6,5 +6,6 @@ All three scale embeddings by sqrt(hidden), use RMSNorm with (1 + weight) and a 
 from .base import Family
 
 GEMMA = Family(model_type="gemma", activation="geglu_tanh", norm_offset=1.0)
-GEMMA2 = Family(model_type="gemma2", activation="geglu_tanh", norm_offset=1.0)
+# Attention-logit soft-capping has no SDPA path in transformers: Gemma-2 runs eager attention.
+GEMMA2 = Family(model_type="gemma2", activation="geglu_tanh", norm_offset=1.0, attention="eager")
 GEMMA3 = Family(model_type="gemma3", activation="geglu_tanh", norm_offset=1.0)

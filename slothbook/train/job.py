@@ -1,0 +1,135 @@
+"""A whole fine-tune as one configuration: load, add LoRA, read the data, train, save the adapter.
+
+The CLI, the magics and the Studio all describe a run with `FinetuneConfig` and call `run_finetune`, passing
+their own callbacks (the profiler among them): this layer does not know who watches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, DatasetError
+from .sft import TrainArgs, build_trainer
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "smollm2-135m"
+    dataset: str | None = None  # None: the bundled demo dataset
+    text_field: str = "text"
+    chat_template: str | None = None
+    responses_only: bool = False
+    max_seq_length: int = 256
+    steps: int = 60
+    batch_size: int = 4
+    grad_accum: int = 1
+    r: int = 16
+    lora_alpha: int = 16
+    lr: float = 2e-4
+    load_in_4bit: bool = True
+    gradient_checkpointing: str | bool = True
+    dtype: str | None = None
+    output: str | None = None  # None: outputs/run-<time>
+    overwrite: bool = False
+    seed: int = 3407
+    logging_steps: int = 5
+    save_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneConfig":
+        """Build from a mapping (a YAML cell, a widget), naming any unknown key."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"Unknown configuration key(s): {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+        return cls(**values)
+
+    def output_dir(self) -> Path:
+        return Path(self.output or Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S"))
+
+
+@dataclass
+class FinetuneResult:
+    model: object
+    tokenizer: object
+    trainer: object
+    adapter_dir: Path
+    losses: list[float]
+    seconds: float
+
+
+def load_training_dataset(cfg: FinetuneConfig, tokenizer):
+    """The dataset as SFTTrainer wants it: a `datasets.Dataset` with a text column."""
+    from ..data import demo_dataset_path, load_dataset_file
+
+    ds = load_dataset_file(cfg.dataset or str(demo_dataset_path()))
+    if cfg.text_field not in ds.column_names:
+        raise DatasetError(f"The dataset has no field '{cfg.text_field}'. Its fields are: {', '.join(ds.column_names)}. "
+                           "Pass --text-field with one of them, or --chat-template NAME to render conversations.")
+    return ds
+
+
+def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) -> FinetuneResult:
+    """Train LoRA adapters as `cfg` says and save them (atomically) under the output folder."""
+    from ..fast import FastLanguageModel
+
+    out = cfg.output_dir()
+    _check_output(out, cfg.overwrite)
+    if model is None:
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+        model = FastLanguageModel.get_peft_model(
+            model, r=cfg.r, lora_alpha=cfg.lora_alpha, random_state=cfg.seed,
+            use_gradient_checkpointing=cfg.gradient_checkpointing)
+    dataset = load_training_dataset(cfg, tokenizer)
+    args = TrainArgs(
+        output_dir=str(out / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        max_seq_length=cfg.max_seq_length, text_field=cfg.text_field, logging_steps=cfg.logging_steps,
+        seed=cfg.seed, save_steps=cfg.save_steps, warmup_steps=min(5, cfg.steps // 10),
+    )
+    trainer = build_trainer(model, tokenizer, dataset, args, callbacks=callbacks)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = out / "adapter"
+    save_adapter(model, tokenizer, adapter_dir, overwrite=cfg.overwrite)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return FinetuneResult(model, tokenizer, trainer, adapter_dir, losses, seconds)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    adapter = out / "adapter"
+    if adapter.exists() and any(adapter.iterdir()) and not overwrite:
+        raise ConfigError(f"{adapter} already holds an adapter. Choose another --output, or pass --overwrite to replace it.")
+
+
+def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
+    """Write the PEFT adapter and tokenizer to a temporary folder, then rename it into place."""
+    path = Path(path)
+    if path.exists() and not overwrite and any(path.iterdir()):
+        raise ConfigError(f"{path} already exists; pass overwrite=True to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}-old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,108 @@
+"""Glue to TRL's SFTTrainer: the arguments a LoRA fine-tune needs, chosen for the model's dtype and device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str
+    max_steps: int = 60
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_seq_length: int = 2048
+    text_field: str = "text"
+    logging_steps: int = 5
+    warmup_steps: int = 5
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    seed: int = 3407
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    packing: bool = False
+    disable_tqdm: bool = False
+
+    def validate(self) -> None:
+        if self.max_steps <= 0:
+            raise ConfigError(f"steps must be positive, got {self.max_steps}.")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}.")
+        if self.per_device_train_batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {self.per_device_train_batch_size}.")
+        if self.max_seq_length <= 0:
+            raise ConfigError(f"max_seq_length must be positive, got {self.max_seq_length}.")
+
+
+def sft_config(args: TrainArgs, model_dtype: torch.dtype):
+    from trl import SFTConfig
+
+    args.validate()
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_length=args.max_seq_length,
+        dataset_text_field=args.text_field,
+        packing=args.packing,
+        logging_steps=args.logging_steps,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        weight_decay=args.weight_decay,
+        optim=args.optim,
+        seed=args.seed,
+        data_seed=args.seed,
+        bf16=on_gpu and model_dtype == torch.bfloat16,
+        fp16=on_gpu and model_dtype == torch.float16,  # fp16 needs loss scaling, which Trainer's GradScaler does
+        use_cpu=not on_gpu,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataset_num_proc=1,
+        disable_tqdm=args.disable_tqdm,
+    )
+
+
+def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
+    """An SFTTrainer over a model and tokenizer as returned by FastLanguageModel."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(args, dtype),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[LossPrinter(), *callbacks],
+    )
+    # Our LossPrinter replaces the raw dict lines that Trainer's printers write.
+    trainer.remove_callback(PrinterCallback)
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(_BarWithoutLogs)
+    return trainer
+
+
+class _BarWithoutLogs(ProgressCallback):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+class LossPrinter(TrainerCallback):
+    """One line per logging step: step, loss, learning rate."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.is_world_process_zero:
+            lr = logs.get("learning_rate", 0.0)
+            print(f"step {state.global_step:>5} | loss {logs['loss']:.4f} | lr {lr:.2e}", flush=True)
