@@ -1,0 +1,221 @@
+"""RoPE kernel against the plain-torch reference (float64) and HF's rotary module and apply_rotary_pos_emb."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slothbook.errors import ConfigError
+from slothbook.kernels.rope import RotaryEmbedding, apply_rope, rope_, rope_reference
+
+HEAD_DIMS = [64, 80, 96, 128, 256]
+
+
+def _tables(position_ids, head_dim, dtype, base=10000.0):
+    """cos/sin as HF computes them: [batch, seq, head_dim], both halves equal."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = position_ids[..., None].double() * inv_freq.to(position_ids.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _positions(batch, seq, device):
+    """Positions that do not start at zero, so no row of the table is the identity rotation."""
+    start = torch.randint(1, 500, (batch, 1), device=device)
+    return start + torch.arange(seq, device=device)
+
+
+def _hf_layout(batch, seq, n_heads, n_kv_heads, head_dim, dtype, device, requires_grad=False, like=None):
+    """q and k as HF makes them: views [b, h, s, d] transposed out of a fused [b, s, (h + kv) * d] projection.
+
+    ``like``: another layout's leaf whose values to copy (to build a float64 twin).
+    """
+    if like is None:
+        fused = torch.randn(batch, seq, (n_heads + n_kv_heads) * head_dim, device=device, dtype=dtype)
+    else:
+        fused = like.detach().to(dtype).clone()
+    leaf = fused.requires_grad_(requires_grad)
+    proj = leaf * 1.0 if requires_grad else leaf  # a non-leaf like a linear layer's output
+    q = proj[..., : n_heads * head_dim].view(batch, seq, n_heads, head_dim).transpose(1, 2)
+    k = proj[..., n_heads * head_dim :].view(batch, seq, n_kv_heads, head_dim).transpose(1, 2)
+    return leaf, q, k
+
+
+def _reference(q, k, cos, sin):
+    return rope_reference(q.double(), k.double(), cos.double(), sin.double())
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_forward_in_place_matches_reference(head_dim, dtype, device, assert_close):
+    _, q, k = _hf_layout(2, 5, 4, 2, head_dim, dtype, device)
+    cos, sin = _tables(_positions(2, 5, device), head_dim, dtype)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    with torch.no_grad():
+        q_out, k_out = apply_rope(q, k, cos, sin)
+    assert q_out is q and k_out is k
+    assert_close(q, q_ref, dtype, "q")
+    assert_close(k, k_ref, dtype, "k")
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_backward_matches_reference(head_dim, dtype, device, assert_close):
+    leaf, q, k = _hf_layout(2, 5, 6, 2, head_dim, dtype, device, requires_grad=True)
+    cos, sin = _tables(_positions(2, 5, device), head_dim, dtype)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq.clone(), dk.clone()))
+
+    leaf64, q64, k64 = _hf_layout(2, 5, 6, 2, head_dim, torch.float64, device, requires_grad=True, like=leaf)
+    q_ref, k_ref = rope_reference(q64, k64, cos.double(), sin.double())
+    torch.autograd.backward((q_ref, k_ref), (dq.double(), dk.double()))
+    assert_close(q_out, q_ref, dtype, "q")
+    assert_close(k_out, k_ref, dtype, "k")
+    assert_close(leaf.grad, leaf64.grad, dtype, "grad")
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (6, 2), (5, 1), (3, 3)])
+def test_every_element_written_and_nothing_else(n_heads, n_kv_heads, device):
+    """With cos = sin = 0 every rotated element becomes 0; the rest of the buffer keeps its sentinel."""
+    head_dim = 80
+    buf = torch.full((2, 5, (n_heads + n_kv_heads + 1) * head_dim), 7.0, device=device)
+    inner = buf[..., : (n_heads + n_kv_heads) * head_dim]
+    q = inner[..., : n_heads * head_dim].view(2, 5, n_heads, head_dim).transpose(1, 2)
+    k = inner[..., n_heads * head_dim :].view(2, 5, n_kv_heads, head_dim).transpose(1, 2)
+    zeros = torch.zeros(2, 5, head_dim, device=device)
+    for backward in (False, True):
+        buf[..., : inner.shape[-1]].normal_()
+        rope_(q, k, zeros, zeros, backward=backward)
+        assert torch.equal(inner, torch.zeros_like(inner))
+        assert torch.equal(buf[..., inner.shape[-1] :], torch.full_like(buf[..., inner.shape[-1] :], 7.0))
+
+
+def test_packed_positions_with_hf_llama3_scaling(dtype, device, assert_close):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    head_dim = 64
+    config = LlamaConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=8192,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
+    rotary = LlamaRotaryEmbedding(config).to(device)
+    # Two sequences, each packing several documents whose positions restart at zero.
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1], [0, 1, 2, 3, 4, 5, 0, 1, 2]], device=device) * 97
+    _, q, k = _hf_layout(2, 9, 4, 2, head_dim, dtype, device)
+    cos, sin = rotary(q, position_ids)
+    q_hf, k_hf = apply_rotary_pos_emb(q.clone(), k.clone(), cos, sin)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    with torch.no_grad():
+        apply_rope(q, k, cos, sin)
+    assert_close(q, q_ref, dtype, "q")
+    assert_close(k, k_ref, dtype, "k")
+    assert_close(q, q_hf, dtype, "q vs HF")
+    assert_close(k, k_hf, dtype, "k vs HF")
+
+
+def test_tables_shared_over_batch_and_2d_tables(device, assert_close):
+    cos, sin = _tables(_positions(1, 6, device), 96, torch.float32)
+    _, q, k = _hf_layout(3, 6, 2, 1, 96, torch.float32, device)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    rope_(q, k, cos, sin)  # cos [1, seq, dim] broadcast over batch 3
+    assert_close(q, q_ref, name="q")
+    assert_close(k, k_ref, name="k")
+    _, q, k = _hf_layout(3, 6, 2, 1, 96, torch.float32, device)
+    q_ref, k_ref = _reference(q, k, cos[0], sin[0])
+    rope_(q, k, cos[0], sin[0])  # [seq, dim]
+    assert_close(q, q_ref, name="q 2-D")
+    assert_close(k, k_ref, name="k 2-D")
+
+
+def test_strided_head_dim_is_copied_back(device, assert_close):
+    q = torch.randn(2, 3, 5, 128, device=device)[..., ::2]  # head_dim 64 with stride 2
+    k = torch.randn(2, 1, 5, 64, device=device)
+    cos, sin = _tables(_positions(2, 5, device), 64, torch.float32)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    rope_(q, k, cos, sin)
+    assert_close(q, q_ref, name="q")
+    assert_close(k, k_ref, name="k")
+
+
+def test_transposed_rotation_is_exact_gradient_for_unequal_halves(device, assert_close):
+    """Tables whose halves differ (not HF's, but allowed): backward is the transpose, not just -sin."""
+    q = torch.randn(1, 2, 4, 64, device=device, requires_grad=True)
+    k = torch.randn(1, 1, 4, 64, device=device, requires_grad=True)
+    cos, sin = torch.randn(1, 4, 64, device=device), torch.randn(1, 4, 64, device=device)
+    q_out, k_out = apply_rope(q, k, cos, sin)  # leaves: rotated copies
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq.clone(), dk.clone()))
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    torch.autograd.backward(rope_reference(q64, k64, cos.double(), sin.double()), (dq.double(), dk.double()))
+    assert_close(q.grad, q64.grad, name="dq")
+    assert_close(k.grad, k64.grad, name="dk")
+
+
+def test_leaf_inputs_are_not_modified(device):
+    q = torch.randn(1, 2, 3, 64, device=device, requires_grad=True)
+    k = torch.randn(1, 2, 3, 64, device=device, requires_grad=True)
+    q_before, k_before = q.detach().clone(), k.detach().clone()
+    cos, sin = _tables(_positions(1, 3, device), 64, torch.float32)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+    assert not torch.equal(q_out, q_before)
+
+
+def test_expanded_and_shared_gradients(device, assert_close):
+    """`sum()` sends stride-0 gradients and `q + k` one tensor to both inputs: neither may be rotated in place."""
+    cos, sin = _tables(_positions(2, 4, device), 64, torch.float32)
+    for loss_fn in (lambda a, b: a.sum() + b.sum(), lambda a, b: (a + b).pow(2).sum() + (a + b).sum()):
+        leaf, q, k = _hf_layout(2, 4, 2, 2, 64, torch.float32, device, requires_grad=True)
+        loss_fn(*apply_rope(q, k, cos, sin)).backward()
+        leaf64, q64, k64 = _hf_layout(2, 4, 2, 2, 64, torch.float64, device, requires_grad=True, like=leaf)
+        loss_fn(*rope_reference(q64, k64, cos.double(), sin.double())).backward()
+        assert_close(leaf.grad, leaf64.grad, name="grad")
+
+
+def test_op_that_saved_unrotated_q_fails_loudly(device):
+    _, q, k = _hf_layout(1, 3, 2, 2, 64, torch.float32, device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    saved = q * w  # saves q for w's gradient
+    cos, sin = _tables(_positions(1, 3, device), 64, torch.float32)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (saved.sum() + q_out.sum() + k_out.sum()).backward()
+
+
+def test_module_and_bad_arguments(device, assert_close):
+    _, q, k = _hf_layout(1, 3, 2, 1, 64, torch.float32, device)
+    cos, sin = _tables(_positions(1, 3, device), 64, torch.float32)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    RotaryEmbedding()(q, k, cos, sin)
+    assert_close(q, q_ref, name="q")
+    with pytest.raises(ConfigError):
+        apply_rope(q, k[..., :32], cos, sin)
+    with pytest.raises(ConfigError):
+        apply_rope(q, k, cos[:, :2], sin[:, :2])
+
+
+@pytest.mark.gpu
+def test_gpu_realistic_size(assert_close):
+    device = torch.device("cuda")
+    leaf, q, k = _hf_layout(1, 8192, 32, 8, 128, torch.bfloat16, device, requires_grad=True)
+    cos, sin = _tables(torch.arange(8192, device=device)[None], 128, torch.bfloat16)
+    q_out, k_out = apply_rope(q, k, cos, sin)
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq.clone(), dk.clone()))
+    leaf32, q32, k32 = _hf_layout(1, 8192, 32, 8, 128, torch.float32, device, requires_grad=True, like=leaf)
+    q_ref, k_ref = rope_reference(q32, k32, cos.float(), sin.float())
+    torch.autograd.backward((q_ref, k_ref), (dq.float(), dk.float()))
+    assert_close(q_out, q_ref, torch.bfloat16, "q")
+    assert_close(k_out, k_ref, torch.bfloat16, "k")
+    assert_close(leaf.grad, leaf32.grad, torch.bfloat16, "grad")
