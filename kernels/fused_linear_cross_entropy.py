@@ -7,8 +7,8 @@ chunk's logits), and turns that gradient into the chunk's rows of ``grad_hidden`
 the stored gradients by ``grad_output``.
 
 Chunk size: by default a chunk's logits hold about as many elements as the hidden states themselves
-(``chunk ~ N * H / V`` tokens, rounded up to a power of two, at least 64 so the matmuls stay efficient,
-at most N). Peak extra memory is then about one more copy of the hidden states, plus ``grad_weight``
+(``chunk ~ N * H / V`` tokens, rounded down to a power of two, at least 64 so the matmuls stay
+efficient, at most N). Peak extra memory is then about one more copy of the hidden states, plus ``grad_weight``
 when the weight is trained. E.g. Llama-3-8B (H 4096, V 128256) with 8192 tokens: 256 tokens per chunk,
 a 64 MiB bf16 chunk of logits instead of 2 GiB of full logits.
 
@@ -28,7 +28,6 @@ Conventions:
 from __future__ import annotations
 
 import torch
-import triton
 
 from slothbook.errors import ConfigError
 
@@ -47,7 +46,8 @@ MIN_CHUNK_TOKENS = 64
 
 def default_chunk_size(n_tokens: int, hidden_size: int, vocab_size: int) -> int:
     """Tokens per chunk so that ``chunk * vocab_size ~ n_tokens * hidden_size`` (see the module docstring)."""
-    rows = triton.next_power_of_2(max(1, -(-n_tokens * hidden_size // vocab_size)))
+    rows = max(1, n_tokens * hidden_size // vocab_size)
+    rows = 1 << (rows.bit_length() - 1)  # round down to a power of two: tensor-core friendly, never larger
     return max(1, min(max(rows, MIN_CHUNK_TOKENS), n_tokens))
 
 
