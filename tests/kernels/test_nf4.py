@@ -1,0 +1,115 @@
+"""NF4 dequantization: bit-identical to bitsandbytes on weights quantized by real bitsandbytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from slothbook.errors import ConfigError
+from slothbook.kernels.nf4 import (
+    NF4Weight,
+    dequantize,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    nf4_weight_from_quant_state,
+)
+
+SHAPES = [(67, 130), (129, 67), (3, 5)]  # odd numbers of elements, odd rows, blocks cut across rows
+
+
+def _quantize(shape, dtype, blocksize, nested, device="cpu", quant_storage=torch.uint8):
+    weight = (0.05 * torch.randn(shape, device=device)).to(dtype)
+    data, state = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=nested, quant_type="nf4",
+                                     quant_storage=quant_storage)
+    return data, state
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_bit_identical_to_bitsandbytes(dtype, shape, blocksize, nested, poisoned):
+    data, state = _quantize(shape, dtype, blocksize, nested)
+    expected = bnbf.dequantize_4bit(data, state, quant_type="nf4")
+    w = nf4_weight_from_quant_state(data, state)
+    assert w.nested == nested
+
+    out = dequantize_nf4(w, out=poisoned(expected))
+    assert torch.equal(out, expected)
+    assert torch.equal(dequantize_nf4(w), expected)
+    assert torch.equal(dequantize_nf4_reference(w), expected)
+
+
+def test_other_output_dtypes_round_once(dtype):
+    """Asking for another dtype equals bitsandbytes' fp32 result rounded to it (one rounding)."""
+    data, state = _quantize((45, 66), dtype, 64, nested=True)
+    w = nf4_weight_from_quant_state(data, state)
+    as_fp32 = dequantize_nf4(w, dtype=torch.float32)
+    state.dtype = torch.float32
+    assert torch.equal(as_fp32, bnbf.dequantize_4bit(data, state, quant_type="nf4"))
+    for other in (torch.bfloat16, torch.float16):
+        assert torch.equal(dequantize_nf4(w, dtype=other), as_fp32.to(other))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_linear4bit_layer_weight(dtype, nested):
+    layer = bnb.nn.Linear4bit(67, 130, bias=False, compute_dtype=dtype, compress_statistics=nested,
+                              quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit((0.05 * torch.randn(130, 67)).to(dtype), requires_grad=False,
+                                     compress_statistics=nested, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state.dtype == dtype
+
+    w = nf4_weight_from_quant_state(layer.weight.data, layer.weight.quant_state)
+    expected = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert expected.shape == (130, 67)
+    assert torch.equal(dequantize_nf4(w), expected)
+
+
+def test_non_uint8_quant_storage():
+    data, state = _quantize((33, 64), torch.bfloat16, 64, nested=True, quant_storage=torch.bfloat16)
+    assert data.dtype == torch.bfloat16
+    w = nf4_weight_from_quant_state(data, state)
+    assert torch.equal(dequantize_nf4(w), bnbf.dequantize_4bit(data, state, quant_type="nf4"))
+
+
+def test_dequantize_passes_plain_tensors_through():
+    plain = torch.randn(4, 6)
+    assert dequantize(plain) is plain
+    data, state = _quantize((4, 6), torch.float16, 64, nested=False)
+    w = nf4_weight_from_quant_state(data, state)
+    assert torch.equal(dequantize(w), bnbf.dequantize_4bit(data, state, quant_type="nf4"))
+    with pytest.raises(TypeError):
+        dequantize([1.0, 2.0])
+
+
+def test_rejects_fp4_and_mismatched_buffers():
+    weight = torch.randn(8, 8)
+    data, state = bnbf.quantize_4bit(weight, quant_type="fp4")
+    with pytest.raises(ConfigError, match="NF4"):
+        nf4_weight_from_quant_state(data, state)
+
+    data, state = _quantize((8, 8), torch.float32, 64, nested=False)
+    w = nf4_weight_from_quant_state(data, state)
+    with pytest.raises(ConfigError, match="out must"):
+        dequantize_nf4(w, out=torch.empty(8, 9))
+    with pytest.raises(ConfigError, match="bytes"):
+        dequantize_nf4(NF4Weight(data[:-1], w.absmax, w.code, w.shape, w.dtype, w.blocksize))
+
+
+def test_kernels_do_not_import_bitsandbytes():
+    code = "import sys, slothbook.kernels.nf4; assert 'bitsandbytes' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_llama3_mlp_weight_on_gpu(dtype, nested):
+    data, state = _quantize((4096, 14336), dtype, 64, nested, device="cuda")
+    expected = bnbf.dequantize_4bit(data, state, quant_type="nf4")
+    out = torch.full_like(expected, float("nan"))
+    assert torch.equal(dequantize_nf4(nf4_weight_from_quant_state(data, state), out=out), expected)
