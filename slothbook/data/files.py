@@ -9,7 +9,8 @@ from ..errors import DatasetError
 
 # File suffix -> the `datasets` builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-_LOCAL_HINT = "Pass a local .jsonl, .json, .csv or .parquet file instead."
+_LOCAL_FILE = "a local .jsonl, .json, .csv or .parquet file"
+_LOCAL_HINT = f"Pass {_LOCAL_FILE} instead."
 
 
 def load_dataset_file(path_or_id: str | os.PathLike, split: str | None = None):
@@ -80,7 +81,7 @@ def _load_hub(dataset_id: str, split: str | None):
         loaded = datasets.load_dataset(dataset_id, split=split)
     except ConnectionError as exc:  # offline: datasets raises ConnectionError("Couldn't reach ... on the Hub")
         raise DatasetError(f"'{dataset_id}' is not a local file and the Hugging Face Hub is unreachable ({exc}). "
-                           f"Download the dataset where there is internet, or: {_LOCAL_HINT}") from exc
+                           f"Download the dataset where there is internet, or pass {_LOCAL_FILE}.") from exc
     except Exception as exc:
         raise DatasetError(f"'{dataset_id}' is neither a local file nor a loadable Hub dataset ({exc}). "
                            f"{_LOCAL_HINT}") from exc
