@@ -111,7 +111,9 @@ def _as_table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -
 
 def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
     if q.dim() != 4 or k.dim() != 4:
-        raise ConfigError(f"q and k must be 4-D [batch, heads, seq, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ConfigError(
+            f"q and k must be 4-D [batch, heads, seq, head_dim], got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ConfigError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seq and head_dim")
     if q.shape[-1] % 2:

@@ -50,7 +50,9 @@ def test_interpreter_is_on_without_cuda():
 
 
 @pytest.mark.parametrize("shape,offset,casting", CASES, ids=CASE_IDS)
-def test_forward_writes_every_element_and_matches_reference(shape, offset, casting, dtype, device, poisoned, assert_close):
+def test_forward_writes_every_element_and_matches_reference(
+    shape, offset, casting, dtype, device, poisoned, assert_close
+):
     x, weight = _inputs(shape, offset, dtype, device)
     out = poisoned(x)
     y, rstd = rms_norm_forward(x, weight, 1e-6, offset, casting, out=out)
@@ -64,7 +66,9 @@ def test_forward_writes_every_element_and_matches_reference(shape, offset, casti
 
 
 @pytest.mark.parametrize("shape,offset,casting", CASES, ids=CASE_IDS)
-def test_backward_writes_every_element_and_matches_reference(shape, offset, casting, dtype, device, poisoned, assert_close):
+def test_backward_writes_every_element_and_matches_reference(
+    shape, offset, casting, dtype, device, poisoned, assert_close
+):
     x, weight = _inputs(shape, offset, dtype, device)
     dy = torch.randn_like(x)
     _, rstd = rms_norm_forward(x, weight, 1e-6, offset, casting)
@@ -97,7 +101,8 @@ def test_frozen_weight_gets_no_gradient(device, assert_close):
     _, dx64, _ = _reference_grads(x, weight, dy, 1e-6, 0.0, None)
     assert_close(x.grad, dx64, torch.float32, "dx")
     assert weight.grad is None
-    assert rms_norm_backward(dy, x.detach(), weight, rms_norm_forward(x.detach(), weight)[1], compute_dw=False)[1] is None
+    rstd = rms_norm_forward(x.detach(), weight)[1]
+    assert rms_norm_backward(dy, x.detach(), weight, rstd, compute_dw=False)[1] is None
 
 
 def test_strided_rows_and_non_contiguous_out(device, poisoned, assert_close):
