@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .offload import ReplayState, find_decoder_layers, grads_of, patch_forward, unpatch_forward
 
 _PATCH_KEY = "_slothbook_tiled_mlp"
@@ -86,7 +87,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
     Inputs of at most `chunk_tokens` tokens are not touched. Returns how many MLPs were tiled.
     """
     if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+        raise ConfigError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
     tiled = 0
     for layer in find_decoder_layers(model):
         mlp = _mlp_of(layer)
