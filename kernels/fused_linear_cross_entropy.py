@@ -8,9 +8,9 @@ the stored gradients by ``grad_output``.
 
 Chunk size: by default a chunk's logits hold about as many elements as the hidden states themselves
 (``chunk ~ N * H / V`` tokens, rounded down to a power of two, at least 64 so the matmuls stay
-efficient, at most N). Peak extra memory is then about one more copy of the hidden states, plus ``grad_weight``
-when the weight is trained. E.g. Llama-3-8B (H 4096, V 128256) with 8192 tokens: 256 tokens per chunk,
-a 64 MiB bf16 chunk of logits instead of 2 GiB of full logits.
+efficient, at most N). Peak extra memory is then about one more copy of the hidden states (plus
+``grad_hidden``, and ``grad_weight`` when the weight is trained). E.g. Llama-3-8B (H 4096, V 128256)
+with 8192 tokens: 256 tokens per chunk, a 64 MiB bf16 chunk of logits instead of 2 GiB of full logits.
 
 Conventions:
 

@@ -35,6 +35,10 @@ from slothbook.errors import ConfigError
 # Packed bytes per program: 2048 output elements, a few KiB of loads and stores per program.
 _BLOCK_BYTES = 1024
 
+# No fp fusion: bitsandbytes multiplies and then adds the offset in two fp32 roundings; an FMA would
+# round once and change the last bit of some absmax values.
+_LAUNCH_OPTIONS = {"num_warps": 4, "enable_fp_fusion": False}
+
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -134,7 +138,7 @@ def _dequantize_nf4_kernel(
         qabs = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
         scale = tl.load(nested_code_ptr + qabs) * tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE,
                                                             mask=in_range, other=0.0)
-        # A separate add, as bitsandbytes does it (the launch disables fp fusion, so no FMA).
+        # A separate add, as bitsandbytes does it (_LAUNCH_OPTIONS disables fp fusion, so no FMA).
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
@@ -205,7 +209,7 @@ def dequantize_nf4(w: NF4Weight, out: torch.Tensor | None = None, dtype: torch.d
         n, n_bytes,
         BLOCKSIZE=w.blocksize, NESTED_BLOCKSIZE=w.nested_blocksize, NESTED=w.nested,
         OUT_BF16=dtype == torch.bfloat16, BLOCK_BYTES=_BLOCK_BYTES,
-        num_warps=4, enable_fp_fusion=False,
+        **_LAUNCH_OPTIONS,
     )
     return out
 

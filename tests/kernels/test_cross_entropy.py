@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,6 +145,26 @@ def test_rejects_bad_arguments(device):
         cross_entropy(logits, labels[:-1])
     with pytest.raises(ConfigError, match="softcap"):
         cross_entropy(logits, labels, softcap=0.0)
+
+
+def test_compiles_for_hopper():
+    """Lower every kernel mode to sm_90 machine code (no GPU needed), with the production block size."""
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from slothbook.kernels._utils import num_warps_for
+        from slothbook.kernels.cross_entropy import MAX_BLOCK_V, _cross_entropy_kernel as kernel
+        sig = {"logits_ptr": "*bf16", "logits_row_stride": "i64", "labels_ptr": "*i64", "loss_ptr": "*fp32",
+               "lse_ptr": "*fp32", "grad_scale_ptr": "*fp32", "n_cols": "i32", "ignore_index": "i32",
+               "softcap": "fp32"}
+        for lse, grad in [(True, False), (False, True), (True, True)]:
+            consts = {"HAS_SOFTCAP": True, "COMPUTE_LSE": lse, "COMPUTE_GRAD": grad, "BLOCK_V": MAX_BLOCK_V}
+            src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+            triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps_for(MAX_BLOCK_V)})
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 @pytest.mark.gpu

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import textwrap
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -104,6 +106,26 @@ def test_rejects_fp4_and_mismatched_buffers():
 def test_kernels_do_not_import_bitsandbytes():
     code = "import sys, slothbook.kernels.nf4; assert 'bitsandbytes' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compiles_for_hopper_without_fma():
+    """Compile (no GPU needed) for sm_90: the nested absmax must be a separate fp32 multiply and add, as in
+    bitsandbytes; an FMA would round once instead of twice and break bit-exactness on the GPU."""
+    code = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from slothbook.kernels.nf4 import _LAUNCH_OPTIONS, _dequantize_nf4_kernel as kernel
+        sig = {"data_ptr": "*u8", "absmax_ptr": "*u8", "code_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
+               "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "out_ptr": "*bf16", "n_elements": "i64",
+               "n_bytes": "i64"}
+        consts = {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "NESTED": True, "OUT_BF16": True, "BLOCK_BYTES": 1024}
+        src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts)
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=_LAUNCH_OPTIONS).asm["ptx"]
+        assert "fma." not in ptx and "add.rn.f32" in ptx, "nested absmax must not be fused into an FMA"
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
 
 @pytest.mark.gpu
