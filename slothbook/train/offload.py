@@ -4,12 +4,14 @@ Each decoder layer keeps only its input hidden state. On CUDA that input is copi
 on a side stream while the GPU goes on computing; in backward the input of the layer below is copied back
 while the current layer recomputes. CUDA events order the two streams; nothing synchronises the device.
 
-    forward   compute  ──[layer k]──────────[layer k+1]──────────
-                        ^ event: input k ready
-              copy     ─┴─[input k → pinned]─────────────────────  (record_stream keeps input k's memory
-                                                                     from being reused before the copy read it)
-    backward  compute  ──wait(ready k)─[recompute + grad k]──wait(ready k-1)─[recompute + grad k-1]──
-              copy     ─────────────────[input k-1 → GPU]─ event: ready k-1
+    forward   compute  --[layer k]---------------[layer k+1]-----------------
+                       | event: input k written  | event: input k+1 written
+              side     +-[input k -> pinned]-----+-[input k+1 -> pinned]------
+    backward  compute  --wait(k ready)-[recompute k, grads k]--wait(k-1 ready)-[recompute k-1, grads k-1]--
+              side     ----------------[input k-1 -> GPU]-> event: k-1 ready
+
+`record_stream` keeps the caching allocator from reusing a tensor's memory before a side-stream copy of it
+has finished, whenever Python frees it.
 
 Host buffers come from a `PinnedPool` kept for the life of the model: a step takes one buffer per layer and
 gives it back in backward, so after the first step no pinned memory is allocated unless a longer sequence
