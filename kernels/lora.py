@@ -220,8 +220,11 @@ class _LoRAMLP(torch.autograd.Function):
         h = glu_forward(gate, up, _ACTIVATIONS[ctx.activation])  # recomputed, see the docstring
         lora_grads = [None, None, _grad_lora(dout, doutb, h, ha, down_p)]
         del h
-        # The activation's gradients overwrite gate and up, which are not needed after this.
+        # The activation's gradients overwrite gate and up, which are not needed after this. The
+        # Triton kernel writes through raw pointers, so tell autograd the saved tensors changed.
         dgate, dup = glu_backward(dh, gate, up, _ACTIVATIONS[ctx.activation], dgate=gate, dup=up)
+        for t in (gate, up):
+            torch.autograd.graph.increment_version(t)
         del dh
         dx = None
         for i, (p, dy, xa) in enumerate(((gate_p, dgate, xa_gate), (up_p, dup, xa_up))):

@@ -202,6 +202,18 @@ def test_autocast_with_fp32_adapters(device, assert_close):
         assert_close(p.b.grad, p.b64.grad, torch.bfloat16, f"{name}.dB")
 
 
+def test_mlp_second_backward_raises_instead_of_wrong_grads(device):
+    """Backward reuses the saved gate/up memory for their gradients; a retained graph must not be reused."""
+    s = SHAPES["dense"]
+    gate, up = (Projection(s["inter"], s["hidden"], s["r"], torch.float32, device) for _ in range(2))
+    down = Projection(s["hidden"], s["inter"], s["r"], torch.float32, device)
+    x, _ = _inputs(s["hidden"], torch.float32, device)
+    y = lora_mlp(x, gate.args, up.args, down.args)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
 def test_frozen_adapter_gets_no_grad(device):
     s = SHAPES["dense"]
     p = Projection(s["q"], s["hidden"], s["r"], torch.float32, device)
