@@ -62,13 +62,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias=None, ignore_index=-100, softcap=None, chunk_size=None,
-                reduction="mean"):
+                reduction="mean", grad_enabled=True):
         hidden_shape, hidden_dtype = hidden.shape, hidden.dtype
         h_all = hidden.reshape(-1, hidden.shape[-1])
         y_all = labels.reshape(-1).contiguous()
         n_tokens, vocab = h_all.shape[0], weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[3]
+        # needs_input_grad ignores no_grad mode, so the caller's grad mode comes in as an argument.
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[3]
         need_grad = need_h or need_w or need_b
         chunk = chunk_size or default_chunk_size(n_tokens, h_all.shape[1], vocab)
 
@@ -118,7 +120,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ctx.backward_done = True
         # The gradients were made for grad_output == 1; scaling in place keeps no second copy.
         grads = [g.mul_(grad_output.to(g.dtype)) if g is not None else None for g in ctx.saved_tensors]
-        return grads[0], grads[1], None, grads[2], None, None, None, None
+        return grads[0], grads[1], None, grads[2], None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -150,7 +152,7 @@ def fused_linear_cross_entropy(
     if softcap is not None and not softcap > 0:
         raise ConfigError(f"softcap must be positive or None, got {softcap}")
     return FusedLinearCrossEntropyFunction.apply(hidden, weight, labels, bias, ignore_index, softcap, chunk_size,
-                                                 reduction)
+                                                 reduction, torch.is_grad_enabled())
 
 
 def fused_linear_cross_entropy_reference(
