@@ -29,8 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device
 from slothbook.errors import ConfigError
+
+from ._utils import check_device
 
 # Packed bytes per program: 2048 output elements, a few KiB of loads and stores per program.
 _BLOCK_BYTES = 1024
