@@ -32,7 +32,7 @@ def lora_model(dtype=torch.float32, four_bit=False, device="cpu", layers=3, drop
     return model.train()
 
 
-def tokens(model, length=24, batch=2, seed=0):
+def tokens(model, length=16, batch=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, model.config.vocab_size, (batch, length), generator=gen).to(model.device)
 
@@ -82,24 +82,24 @@ def test_grads_equal_plain_checkpointing_exactly(fp32_model):
         assert pool.stats().allocations == (3 if offload_on_cpu else 0)
 
 
-def test_lora_dropout_replays_the_same_masks(fp32_model):
-    model = lora_model(dropout=0.2)
+def test_lora_dropout_replays_the_same_masks():
+    model = lora_model(dropout=0.2, layers=2)
     ids = tokens(model, length=12)
     plain = plain_checkpoint_grads(model, ids, seed=3)
     enable_offloaded_checkpointing(model, offload_on_cpu=True)
     got = lora_grads(model, ids, seed=3)
     assert all(torch.equal(got[k], plain[k]) for k in plain)
-    assert max_diff(got, lora_grads(fp32_model, ids)) > 0  # the dropout did act
+    assert max_diff(got, lora_grads(model, ids, seed=4)) > 0  # the dropout did act: other seed, other grads
 
 
 @pytest.mark.parametrize("dtype, four_bit", [(torch.bfloat16, False), (torch.float32, True)],
                          ids=["bf16", "nf4"])
 def test_16bit_and_4bit_bases(dtype, four_bit):
-    model = lora_model(dtype=dtype, four_bit=four_bit)
+    model = lora_model(dtype=dtype, four_bit=four_bit, layers=2)
     if four_bit:
         import bitsandbytes as bnb
         assert isinstance(model.get_base_model().model.layers[0].mlp.up_proj.base_layer, bnb.nn.Linear4bit)
-    ids = tokens(model)
+    ids = tokens(model, length=12)
     plain = plain_checkpoint_grads(model, ids)
     enable_offloaded_checkpointing(model, offload_on_cpu=True)
     got = lora_grads(model, ids)
