@@ -381,7 +381,7 @@ def enable_offloaded_checkpointing(model: nn.Module, offload: bool = True, pool:
         if getattr(layer, "gradient_checkpointing", False):
             layer.gradient_checkpointing = False
         patch_forward(layer, _PATCH_KEY, _checkpointed_forward(layer, layer.forward, offloader, offload_on_cpu))
-    return pool
+    return pool if offload else None
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> None:

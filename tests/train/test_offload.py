@@ -292,7 +292,7 @@ def test_cuda_step_never_synchronises_and_matches_no_checkpointing():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     got = {n: p.grad for n, p in model.named_parameters()}
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-7) for k in expected)
     assert pool.pin and pool.stats().allocations == 4
 
 
