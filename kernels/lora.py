@@ -166,7 +166,8 @@ class _SharedInputLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *dys):
         n = len(ctx.bases)
-        x, xas, adapters = ctx.saved_tensors[0], ctx.saved_tensors[1 : 1 + n], ctx.saved_tensors[1 + n :]
+        saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow one unpack per tensor
+        x, xas, adapters = saved[0], saved[1 : 1 + n], saved[1 + n :]
         dx, lora_grads = None, []
         for p, xa, dy in zip(_unstash(ctx, adapters), xas, dys):
             dy = as_rows(dy)

@@ -290,3 +290,28 @@ def test_llama_8b_mlp_forward_keeps_only_its_activations():
     output = y.numel() * 2
     dense_weight = s["inter"] * s["hidden"] * 2
     assert grown <= saved + output + (1 << 20), (grown, saved + output, dense_weight)
+
+
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_qkv_and_mlp_under_non_reentrant_checkpointing(weight, device, assert_close):
+    """torch.utils.checkpoint (use_reentrant=False) lets backward unpack each saved tensor once."""
+    from torch.utils.checkpoint import checkpoint
+
+    dtype, s = torch.float32, SHAPES[weight]
+    q, k, v = (Projection(n, s["hidden"], s["r"], dtype, device, weight) for n in (s["q"], s["kv"], s["kv"]))
+    gate, up = (Projection(s["inter"], s["hidden"], s["r"], dtype, device, weight) for _ in range(2))
+    down = Projection(s["hidden"], s["inter"], s["r"], dtype, device, weight)
+
+    def block(x):
+        a, b, c = lora_qkv(x, q.args, k.args, v.args)
+        return lora_mlp(x, gate.args, up.args, down.args).sum() + a.sum() + b.sum() + c.sum()
+
+    x, _ = _inputs(s["hidden"], dtype, device)
+    checkpoint(block, x, use_reentrant=False).backward()
+    got = [p.grad.clone() for p in (q.a, q.b, gate.a, down.b)] + [x.grad.clone()]
+    for p in (q.a, q.b, gate.a, down.b, x):
+        p.grad = None
+    block(x).backward()
+    want = [p.grad for p in (q.a, q.b, gate.a, down.b)] + [x.grad]
+    for name, g, w in zip(("qA", "qB", "gateA", "downB", "x"), got, want):
+        assert_close(g, w.double(), dtype, name)
