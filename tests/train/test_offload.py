@@ -10,18 +10,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from slothbook.errors import TrainingError, UnsupportedArchitectureError
-from slothbook.models.embedded import embedded_model_dir
+from slothbook.models.embedded import EMBEDDED_ALIAS, embedded_model_dir
 from slothbook.train.offload import (PinnedPool, disable_offloaded_checkpointing, enable_offloaded_checkpointing,
                                      find_decoder_layers, offloaded_bytes)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def lora_model(dtype=torch.float32, four_bit=False, device="cpu", layers=3, dropout=0.0):
+def lora_model(dtype=torch.float32, four_bit=False, device="cpu", layers=3, dropout=0.0, source=None):
     quant = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
              if four_bit else None)
-    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=dtype, num_hidden_layers=layers,
+    model = AutoModelForCausalLM.from_pretrained(source or embedded_model_dir(), dtype=dtype, num_hidden_layers=layers,
                                                  quantization_config=quant, device_map={"": device})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS))
     gen = torch.Generator().manual_seed(0)
@@ -246,7 +245,13 @@ def test_ten_steps_leave_memory_flat(fp32_model):
         disable_offloaded_checkpointing(fp32_model)
 
 
-# ---------------------------------------------------------------- CUDA
+# ---------------------------------------------------------------- CUDA (skipped without it by tests/conftest.py)
+
+@pytest.fixture(scope="module")
+def gpu_source(train_model_name):
+    """The embedded model's folder; on a GPU machine without it, the random model of the same shape."""
+    return str(embedded_model_dir()) if train_model_name == EMBEDDED_ALIAS else train_model_name
+
 
 class _Stack(nn.Module):
     """Decoder-shaped toy: model.layers, each taking the hidden state and keyword arguments."""
@@ -271,7 +276,6 @@ class _Stack(nn.Module):
 
 
 @pytest.mark.gpu
-@cuda
 def test_cuda_step_never_synchronises_and_matches_no_checkpointing():
     torch.manual_seed(0)
     model = _Stack().cuda()
@@ -297,10 +301,9 @@ def test_cuda_step_never_synchronises_and_matches_no_checkpointing():
 
 
 @pytest.mark.gpu
-@cuda
 @pytest.mark.parametrize("four_bit", [False, True], ids=["bf16", "nf4"])
-def test_cuda_offload_matches_plain_checkpointing(four_bit):
-    model = lora_model(dtype=torch.bfloat16, four_bit=four_bit, device="cuda")
+def test_cuda_offload_matches_plain_checkpointing(four_bit, gpu_source):
+    model = lora_model(dtype=torch.bfloat16, four_bit=four_bit, device="cuda", source=gpu_source)
     ids = tokens(model, length=256)
     plain = plain_checkpoint_grads(model, ids)
     pool = enable_offloaded_checkpointing(model)
@@ -312,9 +315,8 @@ def test_cuda_offload_matches_plain_checkpointing(four_bit):
 
 
 @pytest.mark.gpu
-@cuda
-def test_cuda_memory_flat_over_ten_steps_and_grows_once_for_longer_sequences():
-    model = lora_model(dtype=torch.bfloat16, device="cuda")
+def test_cuda_memory_flat_over_ten_steps_and_grows_once_for_longer_sequences(gpu_source):
+    model = lora_model(dtype=torch.bfloat16, device="cuda", source=gpu_source)
     pool = enable_offloaded_checkpointing(model)
 
     def step(length):
