@@ -2,32 +2,33 @@
 
 from __future__ import annotations
 
-import logging
-
 from ..errors import ConfigError
+from .offload import disable_offloaded_checkpointing, enable_offloaded_checkpointing
+from .tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
 
-log = logging.getLogger("slothbook")
 OFFLOAD_MODES = ("slothbook", "unsloth")
 
 
 def set_gradient_checkpointing(model, mode) -> None:
     """`False`: off. `True`: plain checkpointing of every decoder layer.
-    `"slothbook"` (alias `"unsloth"`): checkpointing whose saved layer inputs go to pinned CPU memory."""
+    `"slothbook"` (alias `"unsloth"`): checkpointing whose saved layer inputs go to pinned CPU memory, and an MLP
+    recomputed in sequence chunks, so activation memory stays bounded at long context."""
     if isinstance(mode, str) and mode.lower() in OFFLOAD_MODES:
-        from .offload import enable_offloaded_checkpointing
-
         _disable_hf_checkpointing(model)
         enable_offloaded_checkpointing(model)
+        enable_tiled_mlp(model)  # a no-op for inputs shorter than one chunk
         model.config.use_cache = False
         return
-    if mode is True:
-        # transformers >= 5.2x renames gradient_* to activation_*; the GPU image (5.17) has only the old names.
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        model.config.use_cache = False
-        return
-    if mode is False or mode is None:
-        _disable_hf_checkpointing(model)
+    if mode is True or mode is False or mode is None:
+        disable_offloaded_checkpointing(model)
+        disable_tiled_mlp(model)
+        if mode is True:
+            # transformers >= 5.2x renames gradient_* to activation_*; the GPU image (5.17) has only the old names.
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            model.config.use_cache = False
+        else:
+            _disable_hf_checkpointing(model)
         return
     raise ConfigError(f"use_gradient_checkpointing={mode!r} is not understood. Use True (plain), False (off) or "
                       "'slothbook' (offload activations to CPU memory; alias 'unsloth').")
