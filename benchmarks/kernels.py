@@ -31,7 +31,7 @@ lm_head frozen (gradient for the hidden states only), as under LoRA.
 Each kernel runs in its own worker process (a crash or a CUDA error loses one kernel, not the run); any
 contender's failure is recorded as an "error" row.
 
-  python benchmarks/kernels.py                       # everything (about 4 minutes on an H100)
+  python benchmarks/kernels.py                       # everything (meant to take about 4 minutes on an H100)
   python benchmarks/kernels.py --kernels rope swiglu --contenders slothbook liger --append
   python benchmarks/kernels.py --tiny                # CPU smoke test: tiny shapes, Triton interpreter
 """
@@ -81,7 +81,8 @@ def main(argv=None) -> None:
     out = Path(args.out) if args.out else (
         Path(tempfile.gettempdir()) / "slothbook_kernels_smoke.json" if args.tiny else RESULTS)
     env = dict(os.environ, TRITON_INTERPRET="1") if args.tiny else None
-    deadline = time.monotonic() + args.budget_s
+    started = time.monotonic()
+    deadline = started + args.budget_s
     groups = [list(args.kernels)] if args.tiny else [[k] for k in args.kernels]  # tiny: one process is enough
     rows, notes, calibration, device = [], [], None, None
     if args.tiny and set(args.contenders) - set(TINY_CONTENDERS):
@@ -102,8 +103,10 @@ def main(argv=None) -> None:
             rows.append(common.error_row(BENCHMARK, where["contender"], where["config"], failure))
         calibration = calibration or result.get("calibration")
         device = device or result.get("device")
+    notes.append(f"wall time {time.monotonic() - started:.0f} s for {' '.join(args.kernels)}")
     common.write_results(out, rows, device=device, notes=notes, append=args.append)
     print(summary(rows))
+    print(notes[-1])
     print(f"wrote {len(rows)} rows to {out}")
 
 
@@ -113,8 +116,9 @@ def parse_args(argv):
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget per timing (do_bench's default)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="measurement budget per timing (do_bench's default)")
-    p.add_argument("--budget-s", type=float, default=280.0,
-                   help="wall-clock budget; kernels not started by then are recorded as not run")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="wall-clock limit (default: fits one 10-minute command); kernels not started by then "
+                        "are recorded as not run, a kernel still running is stopped")
     p.add_argument("--out", default=None, help=f"results file (default {RESULTS}; --tiny: a temporary file)")
     p.add_argument("--append", action="store_true", help="merge into an existing results file")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU under the Triton interpreter (smoke)")

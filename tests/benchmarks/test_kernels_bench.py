@@ -92,7 +92,10 @@ def test_slothbook_matches_the_fp32_reference(tiny):
 def test_fractions_of_the_measured_device_rates(tiny):
     doc, _ = tiny
     assert [r["metric"] for r in _rows(doc, contender="device")] == ["bandwidth_gbps", "tflops"]
-    kernels_with = lambda metric: {r["config"].split()[0] for r in _rows(doc, contender="slothbook", metric=metric)}  # noqa: E731
+
+    def kernels_with(metric):
+        return {r["config"].split()[0] for r in _rows(doc, contender="slothbook", metric=metric)}
+
     assert kernels_with("bandwidth_fraction") == {"rms_norm", "rope", "swiglu", "geglu", "cross_entropy",
                                                   "nf4_dequantize"}
     assert kernels_with("compute_fraction") == {"fused_linear_cross_entropy", "lora_mlp_bf16", "lora_mlp_nf4"}
