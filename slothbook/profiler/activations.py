@@ -1,0 +1,161 @@
+"""How many activation bytes a training step keeps, per token, for each checkpointing mode.
+
+All figures are bytes per token (multiply by batch x sequence length). `a` is the activation dtype's size; LoRA
+adapters are fp32 (PEFT keeps them so over a 16-bit base), so their inputs and intermediates are fp32.
+
+The step's activation memory has three parts:
+- held: what stays alive from forward to backward. Checkpointing off: every layer's saved tensors.
+  Plain checkpointing: each layer's input. Offloaded: nothing on the device (the inputs wait in host memory).
+  Plus the rotary cos/sin tables (shared by all layers) and what the head keeps for the loss.
+- one layer's working set in backward: its recomputed saved tensors and the gradients flowing through it.
+- the head's working set: the logits and their gradients (the whole [tokens x vocab] on transformers' path; one
+  chunk with slothbook's fused linear cross-entropy).
+
+Two implementations are modelled: "kernels" (slothbook's patched forwards: fused LoRA projections and MLP,
+RMSNorm and RoPE kernels, fused linear cross-entropy) and "hf" (transformers' modules with PEFT's LoRA layers and
+transformers' loss). The "hf" inventories were taken tensor by tensor from saved-tensor hooks; the transient terms
+were fitted to exact CPU allocation tracking (see docs/profiler.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
+LORA_BYTES = 4  # PEFT's adapters are fp32 over a 16-bit base
+IMPLEMENTATIONS = ("kernels", "hf")
+CHECKPOINTING = ("offload", "plain", "off")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes of a decoder-only transformer that activation memory depends on."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @classmethod
+    def from_config(cls, config) -> Shape:
+        text = getattr(config, "text_config", None) or config
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
+
+
+def _norm(s: Shape, a: int, impl: str) -> int:
+    # transformers' RMSNorm upcasts its input to fp32 and saves that copy; the kernel saves the input as is.
+    # Both keep one fp32 inverse rms per token.
+    return (4 if impl == "hf" else a) * s.hidden + 4
+
+
+def _lora_inputs(s: Shape, a: int, targets: frozenset, impl: str) -> int:
+    """Inputs the LoRA A matrices keep for their gradients."""
+    groups = [(ATTENTION_TARGETS, s.hidden), (("o_proj",), s.q), (("gate_proj", "up_proj"), s.hidden),
+              (("down_proj",), s.intermediate)]
+    if impl == "hf" and a != LORA_BYTES:
+        # PEFT casts the input to the adapter's fp32 in every LoRA layer: one fp32 copy per targeted module.
+        return sum(LORA_BYTES * width for names, width in groups for name in names if name in targets)
+    total = 0
+    for names, width in groups:
+        if any(n in targets for n in names) and names != ("o_proj",):
+            total += a * width  # o_proj's input is the attention output, which attention saves anyway
+    return total
+
+
+def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kernels") -> int:
+    """Bytes per token one decoder layer saves for backward when it is not checkpointed."""
+    attention = a * (2 * s.q + 2 * s.kv) + 4 * s.heads  # q, k, v, output, log-sum-exp (flash/efficient SDPA)
+    # hf: gate and up outputs plus the activation's output; the fused MLP keeps gate and up and recomputes the rest.
+    mlp = (3 if impl == "hf" else 2) * a * s.intermediate
+    lora_mid = (LORA_BYTES if impl == "hf" else a) * r * len(targets)  # x A^T per adapter
+    return 2 * _norm(s, a, impl) + attention + mlp + _lora_inputs(s, a, targets, impl) + lora_mid
+
+
+def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> int:
+    """Bytes per token that one layer's backward adds on top of its saved tensors (gradients in flight).
+
+    kernels: the fused MLP's backward peaks at dh and the recomputed h beside gate and up (2 I), with the
+    incoming gradient and dx (2 H); a recomputed layer also makes its output once (H).
+    hf: fitted, see the module docstring.
+    """
+    if impl == "kernels":
+        return a * (2 * s.intermediate + (3 if recompute else 2) * s.hidden)
+    per_i, per_h = HF_TRANSIENT[(recompute, 4 if a == 4 else 2)]
+    return round(a * (per_i * s.intermediate + per_h * s.hidden))
+
+
+# The "hf" backward working set, a * (c_i * intermediate + c_h * hidden) bytes per token, keyed by
+# (recomputed, activation bytes). Least-squares fits to exact CPU allocation tracking of Llama-shaped layers
+# (hidden 576/1152, intermediate 1536/3072, 1024 tokens, LoRA r=16 on all projections); the fp32 and bf16 cases
+# differ because PEFT's fp32 adapter path adds fp32 copies and gradients to a bf16 layer.
+HF_TRANSIENT = {
+    (True, 4): (1.825, -0.597),
+    (True, 2): (1.618, 4.774),
+    (False, 4): (1.011, 0.855),
+    (False, 2): (-0.116, 4.865),
+}
+
+
+def default_ce_chunk(n_tokens: int, hidden: int, vocab: int) -> int:
+    from slothbook.kernels.fused_linear_cross_entropy import default_chunk_size
+
+    return min(n_tokens, default_chunk_size(n_tokens, hidden, vocab))
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    held_after_forward: int  # what forward leaves alive on the device, the returned logits included
+    peak: int  # the largest activation footprint of the step
+    peak_where: str  # "head" (loss and logits) or "layer" (a decoder layer's backward)
+    offloaded: int  # host bytes holding layer inputs (offloaded checkpointing)
+
+
+def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkpointing: str,
+                        impl: str = "kernels", grads: int = 0) -> ActivationEstimate:
+    """Activation bytes of one step over `n_tokens` tokens (batch x sequence length).
+
+    grads: the LoRA gradient bytes. The two candidate peaks are compared as totals: the head's comes first in
+    backward, before any adapter gradient exists; a layer's comes with (nearly) all of them allocated. `peak`
+    follows the profiler's convention: the step's peak less every named tensor, gradients counted in full.
+    """
+    targets = frozenset(targets)
+    saved = layer_saved(s, a, r, targets, impl)
+    shared = 2 * a * s.head_dim  # rotary cos and sin, computed once per forward
+    if checkpointing == "off":
+        held_layers, working = s.layers * saved, 0
+    elif checkpointing == "plain":
+        held_layers, working = s.layers * a * s.hidden, saved
+    else:  # offload: the recomputed layer's input and the prefetched one below it are on the device
+        held_layers, working = 0, saved + 2 * a * s.hidden
+    working += layer_transient(s, a, impl, recompute=checkpointing != "off")
+
+    if impl == "hf":
+        # Final norm (fp32 copy of its input), the logits the model returns (a), their fp32 log-softmax (4),
+        # the shifted labels (int64). In backward: log-softmax, its gradient and the logits' gradient, all fp32.
+        head_held = 4 * s.hidden + 4 + a * s.vocab + 4 * s.vocab + 8
+        head_peak = n_tokens * (4 * s.hidden + 4 + 12 * s.vocab + 8)
+    else:
+        # Final norm input, the hidden-state gradient the fused loss computes in forward; one chunk of logits.
+        head_held = 2 * a * s.hidden + 4
+        head_peak = n_tokens * (head_held + 4) + default_ce_chunk(n_tokens, s.hidden, s.vocab) * s.vocab * a
+
+    base = n_tokens * (held_layers + shared)
+    at_head = base + head_peak  # before any adapter gradient exists
+    at_layer = base + n_tokens * working  # with (nearly) every adapter gradient allocated
+    where = "head" if at_head - grads >= at_layer else "layer"
+    offloaded = n_tokens * s.layers * a * s.hidden if checkpointing == "offload" else 0
+    return ActivationEstimate(base + n_tokens * head_held, max(at_head - grads, at_layer), where, offloaded)
