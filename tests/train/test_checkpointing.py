@@ -1,0 +1,37 @@
+"""get_peft_model's use_gradient_checkpointing modes switch cleanly and give the same LoRA gradients."""
+
+from __future__ import annotations
+
+import torch
+
+from slothbook import FastLanguageModel
+from slothbook.train.checkpointing import set_gradient_checkpointing
+
+
+def _lora_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_modes_switch_and_agree():
+    model, tok = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing="slothbook")
+    layer = model.base_model.model.model.layers[0]
+    assert "forward" in vars(layer)  # the offload wrapper sits on the instance
+    with torch.random.fork_rng():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # so lora_A gets a gradient too
+    ids = torch.randint(3, len(tok), (2, 16))
+    offloaded = _lora_grads(model, ids)
+
+    set_gradient_checkpointing(model, True)
+    assert "forward" not in vars(layer)
+    plain = _lora_grads(model, ids)
+
+    set_gradient_checkpointing(model, False)
+    none = _lora_grads(model, ids)
+    for name in offloaded:
+        assert torch.equal(offloaded[name], plain[name]), name
+        torch.testing.assert_close(offloaded[name], none[name], rtol=1e-5, atol=1e-7)
