@@ -43,14 +43,16 @@ class PackedCollator:
 
     Works on rows from `pack()` (position_ids given) and on plain tokenized rows. No attention_mask by default:
     transformers then separates the sequences by their position_ids (flash-attention varlen on the GPU, a
-    block-diagonal mask for SDPA/eager). `attention_mask=True` adds the explicit 4D mask of `mask_dtype`
-    (the model's compute dtype) for code paths that do not look at position_ids.
+    block-diagonal mask for SDPA/eager). The batch also carries use_cache=False: transformers 5 ignores
+    position_ids boundaries whenever a KV cache exists, and a model whose config says use_cache=True makes one
+    even in training, so attention would silently cross sequences. `attention_mask=True` adds the explicit 4D
+    mask of `mask_dtype` (the model's compute dtype) for code paths that do not look at position_ids.
     """
 
     attention_mask: bool = False
     mask_dtype: torch.dtype = torch.float32
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict]) -> dict:
         ids, labels, positions = [], [], []
         for example in examples:
             ids += example["input_ids"]
@@ -60,6 +62,7 @@ class PackedCollator:
             "input_ids": torch.tensor([ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            "use_cache": False,
         }
         # The first token of each sequence is never predicted from the sequence before it.
         seq = sequence_ids(batch["position_ids"])

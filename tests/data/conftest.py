@@ -32,3 +32,23 @@ def conversation():
         {"role": "user", "content": "What is 2+2?"},
         {"role": "assistant", "content": "4"},
     ]
+
+
+def _learned_runs(tokenizer, input_ids, labels) -> list[str]:
+    """The decoded runs of consecutive tokens whose label is not -100 (labels equal input_ids where learned)."""
+    runs, current = [], []
+    for token, label in zip(list(input_ids), list(labels)):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run) for run in runs]
+
+
+@pytest.fixture
+def learned_runs():
+    return _learned_runs
