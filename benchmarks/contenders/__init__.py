@@ -1,0 +1,28 @@
+"""The contenders of benchmarks/train.py: one small module each, building model + LoRA + optimizer.
+
+Every module has ``build(job) -> step`` (one training step on a batch of token ids, returning the loss) and,
+where it generates, ``build_generator(job) -> generate``. Nothing heavy is imported here: a worker imports
+only its own contender's module (Unsloth must be imported before transformers in its process).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, options the module reads from Job.options)
+CONTENDERS = {
+    "hf": ("hf", {}),
+    "liger": ("liger", {}),
+    "unsloth": ("unsloth", {}),
+    "slothbook": ("slothbook", {"checkpointing": "slothbook"}),  # offloaded checkpointing
+    "slothbook-plain": ("slothbook", {"checkpointing": True}),  # transformers' checkpointing, same kernels
+}
+GENERATORS = ("hf", "slothbook", "unsloth")  # contenders with a generation path (for_inference / plain generate)
+
+
+def module_of(contender: str):
+    return importlib.import_module(f"{__name__}.{CONTENDERS[contender][0]}")
+
+
+def options_of(contender: str) -> dict:
+    return dict(CONTENDERS[contender][1])

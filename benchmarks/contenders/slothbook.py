@@ -1,0 +1,40 @@
+"""slothbook: FastLanguageModel.from_pretrained + get_peft_model, kernels on (the default on CUDA).
+
+The loss goes through the fused linear cross-entropy because labels are given. Job.options["checkpointing"]
+is get_peft_model's use_gradient_checkpointing: "slothbook" (offloaded to pinned host memory) or True.
+"""
+
+from __future__ import annotations
+
+from .base import ALPHA, RANK, TARGETS, Job, generator, training_step
+
+
+def _load(job: Job, checkpointing):
+    from slothbook import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(job.folder, max_seq_length=job.max_seq_length, dtype=job.dtype,
+                                                 load_in_4bit=job.four_bit, kernels=job.kernels)
+    return FastLanguageModel.get_peft_model(model, r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
+                                            target_modules=list(TARGETS), use_gradient_checkpointing=checkpointing)
+
+
+def kernels_on(model) -> bool:
+    from slothbook.models.patch import is_patched
+
+    return is_patched(model)
+
+
+def build(job: Job):
+    model = _load(job, job.options.get("checkpointing", "slothbook"))
+    step = training_step(model, job.device)
+    step.kernels_on = kernels_on(model)  # recorded, so a silent fallback to plain forwards shows in the results
+    return step
+
+
+def build_generator(job: Job):
+    from slothbook import FastLanguageModel
+
+    model = FastLanguageModel.for_inference(_load(job, checkpointing=False))
+    generate = generator(model)
+    generate.kernels_on = kernels_on(model)
+    return generate

@@ -1,0 +1,497 @@
+"""Training benchmark: LoRA and QLoRA steps of 8B-class models, every contender side by side, in one command.
+
+Models: Llama-3.1-8B, Qwen-2.5-7B and Gemma-2-9B shapes (their published configs) with random bf16 weights,
+built once per run on the GPU and saved with a small tokenizer to a local folder (/dev/shm when it has room),
+so nothing is downloaded and every contender loads the same weights. Random token ids (never zeros), sequence
+length 2048, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW (fused) on the LoRA weights, bf16 autocast.
+
+  hf               transformers + PEFT, SDPA (Gemma-2: eager), non-reentrant gradient checkpointing, plain loss
+  liger            hf + Liger-Kernel (apply_liger_kernel_to_<family>: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)
+  unsloth          Unsloth's FastLanguageModel, use_gradient_checkpointing="unsloth" (when its wheels are carried)
+  slothbook        slothbook's FastLanguageModel, kernels on, use_gradient_checkpointing="slothbook" (offloaded)
+  slothbook-plain  the same with use_gradient_checkpointing=True
+
+Configs: "qlora" (NF4 base) and "lora16" (bf16 base), at batch 1 and 4 for Llama, batch 4 for the others;
+"gen": greedy generation of 128 tokens after a 128-token prompt, batch 1 and 8, on the 16-bit Llama with LoRA,
+after for_inference (slothbook, unsloth) against plain transformers generate (hf).
+
+Each contender runs in its own subprocess per model and config. Per training config it records
+tokens_per_s (median over the timed steps after warm-up, torch.cuda.synchronize + perf_counter around each),
+peak_alloc_gib / peak_reserved_gib (over warm-up and timed steps, optimizer state included), mfu (useful
+FLOPs per token, see flops_per_token, times tokens/s over the bf16 matmul rate measured at the start of the
+same run) and first_loss (the loss of the first step: every contender sees the same weights and token ids,
+so these agree to bf16 rounding; a contender that disagrees computes something else). A failure is an
+"error" row with the exact message.
+
+  python benchmarks/train.py --models llama --configs qlora lora16      # one piece (about 7 minutes on an H100)
+  python benchmarks/train.py --models qwen gemma --append                # more pieces into the same file
+  python benchmarks/train.py --merge a.json b.json --out benchmarks/results/train.json   # join pieces
+  python benchmarks/train.py --tiny                                       # CPU smoke test (Triton interpreter)
+
+Results: benchmarks/results/train.json, format in benchmarks/common.py; a summary table with ratios to hf
+is printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:
+    sys.path.insert(0, str(_HERE))
+import common  # noqa: E402
+import contenders  # noqa: E402
+from contenders.base import RANK, Job  # noqa: E402
+
+# This folder also holds kernels.py: take it off sys.path again, so that libraries probing for the Hugging
+# Face `kernels` package do not import that script. `contenders.<name>` still imports through the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+BENCHMARK = "train"
+RESULTS = common.RESULTS_DIR / "train.json"
+CONFIGS = ("qlora", "lora16", "gen")
+TINY_CONTENDERS = ("hf", "slothbook")
+SEQ, WARMUP, STEPS = 2048, 3, 10
+GEN_PROMPT, GEN_NEW, GEN_BATCHES, GEN_RUNS = 128, 128, (1, 8), 2
+MATMUL_N = 8192
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A model shape: transformers config values, the batches it trains at, whether it generates."""
+
+    name: str
+    model_type: str
+    config: dict
+    batches: tuple
+    attention: str = "sdpa"
+    generation: bool = False
+
+    def get(self, key: str):
+        if key == "head_dim":
+            return self.config.get("head_dim") or self.config["hidden_size"] // self.config["num_attention_heads"]
+        return self.config[key]
+
+
+MODELS = {
+    "llama": Shape("llama-3.1-8b", "llama", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001), batches=(1, 4), generation=True),
+    "qwen": Shape("qwen-2.5-7b", "qwen2", dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151643),
+        batches=(4,)),
+    # Attention-logit soft-capping has no SDPA path in transformers: Gemma-2 trains with eager attention.
+    "gemma": Shape("gemma-2-9b", "gemma2", dict(
+        hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, vocab_size=256000, max_position_embeddings=8192, rms_norm_eps=1e-6,
+        rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=30.0,
+        attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
+        bos_token_id=2, eos_token_id=1, pad_token_id=0), batches=(4,), attention="eager"),
+}
+TINY = Shape("tiny-llama", "llama", dict(
+    MODELS["llama"].config, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=1024, bos_token_id=1, eos_token_id=2), batches=(1, 2), generation=True)
+TINY_SIZES = dict(seq=32, warmup=1, steps=2, gen_prompt=8, gen_new=4, gen_batches=(1, 2))
+
+
+# ================================================================== FLOPs
+
+def matmul_weights(shape: Shape, rank: int = RANK) -> tuple[int, int]:
+    """(N_base, N_lora): weights of the decoder linears plus lm_head, and of the LoRA matrices on them."""
+    hidden, inter, layers, vocab = (shape.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                           "vocab_size"))
+    q_dim = shape.get("num_attention_heads") * shape.get("head_dim")
+    kv_dim = shape.get("num_key_value_heads") * shape.get("head_dim")
+    shapes = [(hidden, q_dim), (hidden, kv_dim), (hidden, kv_dim), (q_dim, hidden),
+              (hidden, inter), (hidden, inter), (inter, hidden)]  # q, k, v, o, gate, up, down: (in, out)
+    n_base = layers * sum(i * o for i, o in shapes) + hidden * vocab
+    n_lora = layers * sum(rank * (i + o) for i, o in shapes)
+    return n_base, n_lora
+
+
+def flops_per_token(shape: Shape, seq: int, rank: int = RANK) -> float:
+    """Useful FLOPs per token of one LoRA training step on a frozen base, at sequence length ``seq``.
+
+    forward   2 * N_base (decoder linears + lm_head) + 2 * N_lora + attention
+    backward  2 * N_base (input gradients only: the base is frozen) + 4 * N_lora (input and weight
+              gradients) + 2 * attention (dP and dV, then dQ and dK)
+    attention 2 * q_dim * seq per layer: QK^T and PV, 2 FLOPs per multiply-add, over the causal half.
+    Checkpointing's recomputation is not useful work and is not counted; norms, RoPE, activations and the
+    softmax are not matmuls and are left out. 6 * N (full fine-tuning, weight gradients) would be wrong here.
+    """
+    n_base, n_lora = matmul_weights(shape, rank)
+    attention = shape.get("num_hidden_layers") * 2 * shape.get("num_attention_heads") * shape.get("head_dim") * seq
+    forward = 2 * n_base + 2 * n_lora + attention
+    backward = 2 * n_base + 4 * n_lora + 2 * attention
+    return float(forward + backward)
+
+
+def checkpoint_bytes(shape: Shape, bytes_per_weight: int = 2) -> int:
+    """Size of the saved random checkpoint: the linears, the embedding and an untied head (norms are noise)."""
+    n_base, _ = matmul_weights(shape, 0)
+    embedding = 0 if shape.config.get("tie_word_embeddings") else shape.get("hidden_size") * shape.get("vocab_size")
+    return bytes_per_weight * (n_base + embedding)
+
+
+# ================================================================== parent
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    if args.merge:
+        doc = merge_documents([json.loads(Path(p).read_text()) for p in args.merge])
+        out = Path(args.out or RESULTS)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(summary(doc["rows"]))
+        print(f"merged {len(args.merge)} files ({len(doc['rows'])} rows) into {out}")
+        return None
+    return run(args)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--contenders", nargs="+", default=None, choices=list(contenders.CONTENDERS),
+                   help="default: all (--tiny: hf and slothbook)")
+    p.add_argument("--batches", nargs="+", type=int, default=None,
+                   help="training batch sizes for every model (default: 1 and 4 for Llama, 4 for the others)")
+    p.add_argument("--seq", type=int, default=SEQ)
+    p.add_argument("--warmup", type=int, default=WARMUP, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=STEPS, help="timed steps (the median is reported)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="wall-clock budget; work not started by then is recorded as not run (default fits one "
+                        "10-minute device command)")
+    p.add_argument("--worker-timeout-s", type=float, default=300.0, help="one contender on one model and config")
+    p.add_argument("--workdir", default=None, help="where the random checkpoints go (default: /dev/shm when it has "
+                                                   "room, else the temporary folder)")
+    p.add_argument("--keep-folders", action="store_true", help="keep the random checkpoints for a later run")
+    p.add_argument("--out", default=None, help=f"results file (default {RESULTS}; --tiny: a temporary file)")
+    p.add_argument("--append", action="store_true", help="merge into an existing results file of this machine")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge these results files (e.g. from separate device calls) into --out")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke test: tiny Llama, 2 timed steps, hf and slothbook, Triton interpreter")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.seq, args.warmup, args.steps = TINY_SIZES["seq"], TINY_SIZES["warmup"], TINY_SIZES["steps"]
+    if args.contenders is None:
+        args.contenders = list(TINY_CONTENDERS if args.tiny else contenders.CONTENDERS)
+    if args.steps < 1 or args.warmup < 1:
+        p.error("--steps and --warmup must be at least 1 (the first warm-up step gives first_loss)")
+    return args
+
+
+def shapes_of(args) -> list[Shape]:
+    return [TINY] if args.tiny else [MODELS[m] for m in args.models]
+
+
+def workdir_for(args, shape: Shape) -> Path:
+    """/dev/shm when it can hold the checkpoint (fast to write and read), else the temporary folder."""
+    if args.workdir:
+        return Path(args.workdir)
+    need = checkpoint_bytes(shape, 4 if args.tiny else 2) * 1.1 + 2 * common.GIB
+    shm = Path("/dev/shm")
+    if not args.tiny and shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > need:
+        return shm / "slothbook-train-bench"
+    return Path(tempfile.gettempdir()) / "slothbook-train-bench"
+
+
+def run(args) -> None:
+    out = Path(args.out) if args.out else (
+        Path(tempfile.gettempdir()) / "slothbook_train_smoke.json" if args.tiny else RESULTS)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.tiny:
+        env["TRITON_INTERPRET"] = "1"
+    deadline = time.monotonic() + args.budget_s
+    rows, notes, state = [], [], {"device": None, "calibration": None}
+
+    def launch(spec: dict, label: str) -> dict:
+        left = deadline - time.monotonic()
+        if left < 20:
+            rows.append(common.error_row(BENCHMARK, spec.get("contender", "setup"), label,
+                                         "not run: time budget spent"))
+            return {}
+        print(f"--- {label}", file=sys.stderr, flush=True)
+        spec = dict(spec, tiny=args.tiny, calibration=state["calibration"])
+        result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                             json.dumps(spec)], timeout=min(left, args.worker_timeout_s), env=env)
+        rows.extend(result.get("rows", []))
+        if failure:
+            where = result.get("current") or {"contender": spec.get("contender", "setup"), "config": label}
+            rows.append(common.error_row(BENCHMARK, where["contender"], where["config"], failure))
+        state["device"] = state["device"] or result.get("device")
+        state["calibration"] = state["calibration"] or result.get("calibration")
+        return result
+
+    for shape in shapes_of(args):
+        folder = workdir_for(args, shape) / f"{shape.name}-random"
+        base = dict(model=shape.name, folder=str(folder), seq=args.seq)
+        rows.append(common.row(BENCHMARK, "model", f"{shape.name} seq {args.seq}", "gflop_per_token",
+                               round(flops_per_token(shape, args.seq) / 1e9, 6), "GFLOP"))
+        launch(dict(base, kind="prepare"), f"prepare {shape.name} in {folder}")
+        if not (folder / "config.json").is_file():
+            continue  # its error row is recorded; nothing can load it
+        for config in [c for c in args.configs if c != "gen"]:
+            for name in args.contenders:
+                launch(dict(base, kind="train", contender=name, config=config, batches=args.batches or shape.batches,
+                            warmup=args.warmup, steps=args.steps, flops_per_token=flops_per_token(shape, args.seq)),
+                       f"{name} {config} {shape.name}")
+        if "gen" in args.configs and shape.generation:
+            for name in [c for c in args.contenders if c in contenders.GENERATORS]:
+                launch(dict(base, kind="generate", contender=name, config="gen"), f"{name} gen {shape.name}")
+        if not args.keep_folders:
+            shutil.rmtree(folder, ignore_errors=True)
+    common.write_results(out, rows, device=state["device"], notes=notes, append=args.append)
+    print(summary(rows))
+    print(f"wrote {len(rows)} rows to {out}")
+
+
+# ================================================================== worker
+
+def worker(spec: dict) -> None:
+    result = {"rows": [], "device": None, "calibration": spec.get("calibration"), "current": None}
+    rec = common.Recorder(BENCHMARK, result["rows"])
+    if spec.get("contender") == "unsloth":
+        try:
+            import unsloth  # noqa: F401  (Unsloth patches transformers and PEFT: it must come first)
+        except Exception as exc:  # the exact import error is the result
+            rec.error("unsloth", f"{spec['config']} {spec['model']} import", exc)
+            return common.emit(result)
+    import torch
+
+    device = torch.device("cpu" if spec["tiny"] else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        rec.error(spec.get("contender", "setup"), spec["model"], "no CUDA GPU here; --tiny runs the CPU smoke test")
+        return common.emit(result)
+    result["device"] = common.device_details(device)
+    {"prepare": prepare, "train": train, "generate": generate}[spec["kind"]](spec, device, rec, result)
+    result["current"] = None
+    common.emit(result)
+
+
+def current(result: dict, contender: str, config: str) -> None:
+    """Tell the parent what runs now, so that a crash or a timeout is attributed to it."""
+    result["current"] = {"contender": contender, "config": config}
+    common.emit(result)
+
+
+def shape_named(name: str) -> Shape:
+    return next(s for s in [*MODELS.values(), TINY] if s.name == name)
+
+
+def job_for(spec: dict, device) -> Job:
+    shape = shape_named(spec["model"])
+    return Job(folder=spec["folder"], four_bit=spec["config"] == "qlora", attention=shape.attention,
+               max_seq_length=max(spec["seq"], GEN_PROMPT + GEN_NEW), device=device.type,
+               kernels=True if spec["tiny"] else None, options=contenders.options_of(spec["contender"]))
+
+
+def prepare(spec: dict, device, rec, result) -> None:
+    """Measure the bf16 matmul rate (once per run) and save the random checkpoint (once per model)."""
+    if result["calibration"] is None:
+        n = 256 if spec["tiny"] else MATMUL_N
+        config = f"matmul {n}x{n}x{n} bf16"
+        current(result, "device", config)
+        with rec.guard("device", config, device):
+            result["calibration"] = common.matmul_rate(device, n)
+            rec.add("device", config, "tflops", round(result["calibration"] / 1e12, 1), "TFLOP/s")
+        common.free_memory(device)
+    folder = Path(spec["folder"])
+    if (folder / "config.json").is_file():
+        return
+    current(result, "setup", f"prepare {spec['model']}")
+    with rec.guard("setup", f"prepare {spec['model']}", device):
+        save_random_checkpoint(shape_named(spec["model"]), folder, device)
+
+
+def save_random_checkpoint(shape: Shape, folder: Path, device) -> None:
+    """The shape with random weights (transformers' own init, run on the GPU), saved as safetensors with a
+    small BPE tokenizer; written beside the target and renamed, so a killed run leaves no half folder."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from slothbook.data import demo_dataset_path
+    from slothbook.models.families.tiny import train_small_tokenizer
+
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(shape.model_type, **shape.config)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(partial)
+    del model
+    common.free_memory(device)
+    texts = [json.loads(line)["text"] for line in demo_dataset_path().read_text().splitlines() if line.strip()]
+    # The ids the benchmark feeds are random; the tokenizer is there because the loaders require one.
+    train_small_tokenizer(texts, vocab_size=min(1024, shape.get("vocab_size"))).save_pretrained(partial)
+    partial.rename(folder)
+
+
+def random_ids(vocab: int, batch: int, seq: int, count: int, device, seed: int):
+    """``count`` batches of token ids in [1, vocab), the same for every contender (seeded on the CPU)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (batch, seq), generator=g).to(device) for _ in range(count)]
+
+
+def train(spec: dict, device, rec, result) -> None:
+    import torch
+
+    name, seq, model = spec["contender"], spec["seq"], spec["model"]
+    label = lambda batch: f"{spec['config']} {seq}x{batch} {model}"  # noqa: E731
+    current(result, name, f"{spec['config']} {model} setup")
+    step = None
+    with rec.guard(name, f"{spec['config']} {model} setup", device):
+        step = contenders.module_of(name).build(job_for(spec, device))
+        if hasattr(step, "kernels_on"):
+            rec.add(name, f"{spec['config']} {model}", "kernels_on", float(step.kernels_on), "bool")
+    if step is None:
+        return
+    vocab = shape_named(model).get("vocab_size")
+    for batch in spec["batches"]:
+        config = label(batch)
+        current(result, name, config)
+        with rec.guard(name, config, device):
+            ids = random_ids(vocab, batch, seq, spec["warmup"] + spec["steps"], device, seed=batch)
+            common.free_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            first_loss = step(ids[0]).item()
+            for x in ids[1:spec["warmup"]]:
+                step(x)
+            times = []
+            for x in ids[spec["warmup"]:]:
+                common.sync(device)
+                start = time.perf_counter()
+                step(x)
+                common.sync(device)
+                times.append(time.perf_counter() - start)
+            tokens_per_s = batch * seq / statistics.median(times)
+            rec.add(name, config, "tokens_per_s", round(tokens_per_s, 1), "tokens/s")
+            if device.type == "cuda":
+                rec.add(name, config, "peak_alloc_gib", round(torch.cuda.max_memory_allocated(device) / common.GIB, 2),
+                        "GiB")
+                rec.add(name, config, "peak_reserved_gib",
+                        round(torch.cuda.max_memory_reserved(device) / common.GIB, 2), "GiB")
+            if result["calibration"]:
+                rec.add(name, config, "mfu", round(tokens_per_s * spec["flops_per_token"] / result["calibration"], 4),
+                        "fraction")
+            rec.add(name, config, "first_loss", round(first_loss, 4), "nats")
+            del ids
+        result["current"] = None
+        common.emit(result)
+
+
+def generate(spec: dict, device, rec, result) -> None:
+    name, model = spec["contender"], spec["model"]
+    prompt, new, batches = ((TINY_SIZES["gen_prompt"], TINY_SIZES["gen_new"], TINY_SIZES["gen_batches"])
+                            if spec["tiny"] else (GEN_PROMPT, GEN_NEW, GEN_BATCHES))
+    current(result, name, f"gen {model} setup")
+    run = None
+    with rec.guard(name, f"gen {model} setup", device):
+        run = contenders.module_of(name).build_generator(job_for(dict(spec, config="lora16"), device))
+        if hasattr(run, "kernels_on"):
+            rec.add(name, f"gen {model}", "kernels_on", float(run.kernels_on), "bool")
+    if run is None:
+        return
+    vocab = shape_named(model).get("vocab_size")
+    for batch in batches:
+        config = f"gen {prompt}+{new}x{batch} {model}"
+        current(result, name, config)
+        with rec.guard(name, config, device):
+            ids = random_ids(vocab, batch, prompt, 1, device, seed=batch)[0]
+            run(ids, min(4, new))  # warm-up: kernel compilation, cache allocation
+            times, made = [], 0
+            for _ in range(1 if spec["tiny"] else GEN_RUNS):
+                common.sync(device)
+                start = time.perf_counter()
+                out = run(ids, new)
+                common.sync(device)
+                times.append(time.perf_counter() - start)
+                made = out.shape[1] - prompt
+            if made != new:
+                raise RuntimeError(f"generated {made} tokens instead of {new}")
+            rec.add(name, config, "tokens_per_s", round(batch * made / statistics.median(times), 1), "tokens/s")
+        result["current"] = None
+        common.emit(result)
+
+
+# ================================================================== reading results
+
+METRICS = (("tokens_per_s", "tok/s", "{:.0f}"), ("peak_alloc_gib", "alloc GiB", "{:.2f}"),
+           ("peak_reserved_gib", "rsrvd GiB", "{:.2f}"), ("mfu", "MFU", "{:.1%}"), ("first_loss", "loss", "{:.3f}"))
+
+
+def summary(rows: list) -> str:
+    """Per config, each contender's numbers and its tokens/s and peak memory as ratios of hf's."""
+    values = {(r["contender"], r["config"], r["metric"]): r["value"] for r in rows if r["metric"] != common.ERROR}
+    configs = list(dict.fromkeys(r["config"] for r in rows if r["metric"] == "tokens_per_s"))
+    order = list(contenders.CONTENDERS)
+    names = sorted({r["contender"] for r in rows if r["metric"] == "tokens_per_s"},
+                   key=lambda n: order.index(n) if n in order else len(order))
+    lines = [""] + [f"{r['contender']} {r['config']}: {r['value']} {r['unit']}" for r in rows
+                    if r["contender"] in ("device", "model") and r["metric"] != common.ERROR]
+    header = f"{'config':<30} {'contender':<16}" + "".join(f"{title:>11}" for _, title, _ in METRICS)
+    lines += [header + f"{'x hf tok/s':>11}{'x hf alloc':>11}", "-" * (len(header) + 22)]
+    for config in configs:
+        hf = {m: values.get(("hf", config, m)) for m in ("tokens_per_s", "peak_alloc_gib")}
+        for name in names:
+            if (name, config, "tokens_per_s") not in values:
+                continue
+            cells = [fmt.format(values[(name, config, m)]) if (name, config, m) in values else "-"
+                     for m, _, fmt in METRICS]
+            ratios = [_ratio(values.get((name, config, m)), hf[m]) for m in ("tokens_per_s", "peak_alloc_gib")]
+            lines.append(f"{config:<30} {name:<16}" + "".join(f"{c:>11}" for c in cells + ratios))
+    errors = [r for r in rows if r["metric"] == common.ERROR]
+    lines.append(f"errors: {len(errors)}")
+    lines += [f"  {r['contender']} | {r['config']} | {str(r['value'])[:200]}" for r in errors]
+    return "\n".join(lines)
+
+
+def _ratio(value, reference) -> str:
+    return "-" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def merge_documents(docs: list[dict]) -> dict:
+    """Join results files from separate runs (e.g. two device calls): later rows replace earlier ones with the
+    same (benchmark, contender, config, metric); each part's command, date and versions are kept."""
+    key = lambda r: (r["benchmark"], r["contender"], r["config"], r["metric"])  # noqa: E731
+    rows: dict = {}
+    versions: dict = {}
+    notes = []
+    for doc in docs:
+        rows.update({key(r): r for r in doc.get("rows", [])})
+        notes += doc.get("notes", [])
+        for package, version in doc.get("versions", {}).items():
+            if versions.setdefault(package, version) != version:
+                notes.append(f"{package} {version} in the part run by: {doc.get('command')}")
+    first = next((d for d in docs if d.get("device")), docs[0])
+    return {"device": first.get("device"), "device_details": first.get("device_details", {}), "versions": versions,
+            "date": max(d.get("date", "") for d in docs), "command": " ; ".join(d.get("command", "") for d in docs),
+            "rows": list(rows.values()), "notes": notes,
+            "parts": [{k: d.get(k) for k in ("command", "date", "device", "versions")} for d in docs]}
+
+
+if __name__ == "__main__":
+    main()
