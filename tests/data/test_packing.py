@@ -107,3 +107,28 @@ def test_without_boundaries_attention_leaks(model, sequences, separate_losses):
     """The control: one plain causal row (no position restarts, no mask) changes every later sequence's loss."""
     leaked = packed_losses(model, sequences, with_mask=False, with_positions=False)
     assert all((a.mean() - b.mean()).abs() > 1e-3 for a, b in zip(leaked[1:], separate_losses[1:]))
+
+
+def _gpu_attention():
+    import importlib.util
+
+    return ["sdpa"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attn", _gpu_attention())
+def test_packed_loss_on_the_gpu(attn, embedded_dir, sequences):
+    """On CUDA: SDPA in fp32 (tight), flash-attention's varlen path through position_ids in bf16 (bf16 rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if attn == "sdpa" else torch.bfloat16
+    gpu = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=dtype, attn_implementation=attn).cuda().eval()
+    batch = PackedCollator()([{"input_ids": ids} for ids in sequences])
+    with torch.no_grad():
+        logits = gpu(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}).logits
+        start, tolerance = 0, 1e-4 if dtype == torch.float32 else 3e-2
+        for ids in sequences:
+            alone = per_token_loss(gpu(input_ids=torch.tensor([ids]).cuda()).logits, torch.tensor([ids]).cuda())
+            packed = per_token_loss(logits[:, start:start + len(ids)], torch.tensor([ids]).cuda())
+            assert abs(packed.mean().item() - alone.mean().item()) < tolerance
+            start += len(ids)
