@@ -1,5 +1,5 @@
 """Mistral 7B and Mistral-architecture models (sliding-window attention, Llama-shaped layers)."""
 
-from .base import Family
+from .base import Family, Wiring
 
-MISTRAL = Family(model_type="mistral")
+MISTRAL = Family(model_type="mistral", wiring=Wiring.named("Mistral"))
