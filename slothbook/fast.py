@@ -23,6 +23,7 @@ class FastLanguageModel:
         device_map=None,
         trust_remote_code: bool = False,
         rope_scaling: dict | None = None,
+        kernels: bool | None = None,
         **kwargs,
     ):
         """Return `(model, tokenizer)`.
@@ -30,11 +31,14 @@ class FastLanguageModel:
         model_name: a local HF folder, a hub id, a .gguf file, or "smollm2-135m" (the embedded model).
         dtype: None picks bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU.
         load_in_4bit: NF4 with double quantization for every decoder Linear (QLoRA); lm_head and embeddings stay.
+        kernels: slothbook's Triton kernels in place of the norm, attention, MLP and loss forwards. None: on when the
+            model is on a CUDA GPU; False: plain transformers forwards; True: on (on the CPU only under
+            TRITON_INTERPRET=1).
         """
         model, tokenizer = load_model(
             model_name, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
             load_in_8bit=load_in_8bit, token=token, device_map=device_map, trust_remote_code=trust_remote_code,
-            rope_scaling=rope_scaling, **kwargs,
+            rope_scaling=rope_scaling, kernels=kernels, **kwargs,
         )
         model.slothbook_tokenizer = tokenizer
         return model, tokenizer

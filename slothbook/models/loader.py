@@ -82,6 +82,7 @@ def load_model(
     trust_remote_code: bool = False,
     rope_scaling: dict | None = None,
     allow_pickle: bool = False,
+    kernels: bool | None = None,
     **kwargs,
 ):
     """Load (model, tokenizer) ready for LoRA training. See `FastLanguageModel.from_pretrained`."""
@@ -113,6 +114,10 @@ def load_model(
     tokenizer = prepare_tokenizer(tokenizer, max_seq_length)
     model.max_seq_length = max_seq_length
     model.slothbook_family = family
+    from .patch import patch_model, wants_kernels  # here: importing the kernels imports Triton
+
+    if wants_kernels(model, kernels):
+        patch_model(model, family)
     if model.generation_config is not None and tokenizer.pad_token_id is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
