@@ -63,6 +63,9 @@ TINY_CONTENDERS = ("hf", "slothbook")
 SEQ, WARMUP, STEPS = 2048, 3, 10
 GEN_PROMPT, GEN_NEW, GEN_BATCHES, GEN_RUNS = 128, 128, (1, 8), 2
 MATMUL_N = 8192
+# Workers: nothing from the hub (there is no network on the device), no progress bars in the captured log.
+WORKER_ENV = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  HF_HUB_DISABLE_PROGRESS_BARS="1")
 
 
 @dataclass(frozen=True)
@@ -158,10 +161,20 @@ def main(argv=None) -> None:
         out = Path(args.out or RESULTS)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
-        print(summary(doc["rows"]))
+        report(doc["rows"], args)
         print(f"merged {len(args.merge)} files ({len(doc['rows'])} rows) into {out}")
         return None
     return run(args)
+
+
+def report(rows: list, args) -> None:
+    print(summary(rows))
+    if args.markdown:
+        print("\n" + markdown(rows))
+    if args.chart:
+        Path(args.chart).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.chart).write_text(bar_chart_svg(rows))
+        print(f"wrote the bar chart to {args.chart}")
 
 
 def parse_args(argv):
@@ -186,6 +199,8 @@ def parse_args(argv):
     p.add_argument("--append", action="store_true", help="merge into an existing results file of this machine")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="run nothing: merge these results files (e.g. from separate device calls) into --out")
+    p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the docs)")
+    p.add_argument("--chart", default=None, metavar="SVG", help="also write the tokens/s bar chart to this file")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: tiny Llama, 2 timed steps, hf and slothbook, Triton interpreter")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -217,9 +232,10 @@ def workdir_for(args, shape: Shape) -> Path:
 def run(args) -> None:
     out = Path(args.out) if args.out else (
         Path(tempfile.gettempdir()) / "slothbook_train_smoke.json" if args.tiny else RESULTS)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(WORKER_ENV, **os.environ)
     if args.tiny:
         env["TRITON_INTERPRET"] = "1"
+    partial = out.with_name(out.stem + ".partial.json")
     deadline = time.monotonic() + args.budget_s
     rows, notes, state = [], [], {"device": None, "calibration": None}
 
@@ -239,29 +255,40 @@ def run(args) -> None:
             rows.append(common.error_row(BENCHMARK, where["contender"], where["config"], failure))
         state["device"] = state["device"] or result.get("device")
         state["calibration"] = state["calibration"] or result.get("calibration")
+        common.write_results(partial, rows, device=state["device"], notes=notes)  # survives a killed parent
         return result
 
     for shape in shapes_of(args):
         folder = workdir_for(args, shape) / f"{shape.name}-random"
-        base = dict(model=shape.name, folder=str(folder), seq=args.seq)
+        pieces = plan(args, shape, folder)
+        if not pieces:
+            continue
         rows.append(common.row(BENCHMARK, "model", f"{shape.name} seq {args.seq}", "gflop_per_token",
                                round(flops_per_token(shape, args.seq) / 1e9, 6), "GFLOP"))
-        launch(dict(base, kind="prepare"), f"prepare {shape.name} in {folder}")
-        if not (folder / "config.json").is_file():
-            continue  # its error row is recorded; nothing can load it
-        for config in [c for c in args.configs if c != "gen"]:
-            for name in args.contenders:
-                launch(dict(base, kind="train", contender=name, config=config, batches=args.batches or shape.batches,
-                            warmup=args.warmup, steps=args.steps, flops_per_token=flops_per_token(shape, args.seq)),
-                       f"{name} {config} {shape.name}")
-        if "gen" in args.configs and shape.generation:
-            for name in [c for c in args.contenders if c in contenders.GENERATORS]:
-                launch(dict(base, kind="generate", contender=name, config="gen"), f"{name} gen {shape.name}")
+        notes.append(f"{shape.name}: random checkpoint in {folder}")
+        launch(dict(model=shape.name, folder=str(folder), kind="prepare"), f"prepare {shape.name}")
+        if (folder / "config.json").is_file():  # else its error row is recorded: nothing can load it
+            for spec, label in pieces:
+                launch(spec, label)
         if not args.keep_folders:
             shutil.rmtree(folder, ignore_errors=True)
     common.write_results(out, rows, device=state["device"], notes=notes, append=args.append)
-    print(summary(rows))
+    partial.unlink(missing_ok=True)
+    report(rows, args)
     print(f"wrote {len(rows)} rows to {out}")
+
+
+def plan(args, shape: Shape, folder: Path) -> list[tuple[dict, str]]:
+    """The worker specs for one model, in order: every training config for every contender, then generation."""
+    base = dict(model=shape.name, folder=str(folder), seq=args.seq)
+    pieces = [(dict(base, kind="train", contender=name, config=config, batches=args.batches or shape.batches,
+                    warmup=args.warmup, steps=args.steps, flops_per_token=flops_per_token(shape, args.seq)),
+               f"{name} {config} {shape.name}")
+              for config in args.configs if config != "gen" for name in args.contenders]
+    if "gen" in args.configs and shape.generation:
+        pieces += [(dict(base, kind="generate", contender=name, config="gen"), f"{name} gen {shape.name}")
+                   for name in args.contenders if name in contenders.GENERATORS]
+    return pieces
 
 
 # ================================================================== worker
@@ -441,36 +468,90 @@ def generate(spec: dict, device, rec, result) -> None:
 
 METRICS = (("tokens_per_s", "tok/s", "{:.0f}"), ("peak_alloc_gib", "alloc GiB", "{:.2f}"),
            ("peak_reserved_gib", "rsrvd GiB", "{:.2f}"), ("mfu", "MFU", "{:.1%}"), ("first_loss", "loss", "{:.3f}"))
+RATIOS = (("tokens_per_s", "x hf tok/s"), ("peak_alloc_gib", "x hf alloc"))
 
 
-def summary(rows: list) -> str:
-    """Per config, each contender's numbers and its tokens/s and peak memory as ratios of hf's."""
+def table(rows: list) -> tuple[list[str], list[list[str]]]:
+    """Header and one line of cells per (config, contender) that has tokens/s: its numbers, then its tokens/s
+    and peak allocated memory as ratios of hf's on the same config."""
     values = {(r["contender"], r["config"], r["metric"]): r["value"] for r in rows if r["metric"] != common.ERROR}
     configs = list(dict.fromkeys(r["config"] for r in rows if r["metric"] == "tokens_per_s"))
-    order = list(contenders.CONTENDERS)
-    names = sorted({r["contender"] for r in rows if r["metric"] == "tokens_per_s"},
-                   key=lambda n: order.index(n) if n in order else len(order))
-    lines = [""] + [f"{r['contender']} {r['config']}: {r['value']} {r['unit']}" for r in rows
-                    if r["contender"] in ("device", "model") and r["metric"] != common.ERROR]
-    header = f"{'config':<30} {'contender':<16}" + "".join(f"{title:>11}" for _, title, _ in METRICS)
-    lines += [header + f"{'x hf tok/s':>11}{'x hf alloc':>11}", "-" * (len(header) + 22)]
+    header = ["config", "contender"] + [title for _, title, _ in METRICS] + [title for _, title in RATIOS]
+    lines = []
     for config in configs:
-        hf = {m: values.get(("hf", config, m)) for m in ("tokens_per_s", "peak_alloc_gib")}
-        for name in names:
-            if (name, config, "tokens_per_s") not in values:
-                continue
+        for name in _ordered({c for c, cfg, m in values if cfg == config and m == "tokens_per_s"}):
             cells = [fmt.format(values[(name, config, m)]) if (name, config, m) in values else "-"
                      for m, _, fmt in METRICS]
-            ratios = [_ratio(values.get((name, config, m)), hf[m]) for m in ("tokens_per_s", "peak_alloc_gib")]
-            lines.append(f"{config:<30} {name:<16}" + "".join(f"{c:>11}" for c in cells + ratios))
-    errors = [r for r in rows if r["metric"] == common.ERROR]
-    lines.append(f"errors: {len(errors)}")
-    lines += [f"  {r['contender']} | {r['config']} | {str(r['value'])[:200]}" for r in errors]
-    return "\n".join(lines)
+            ratios = [_ratio(values.get((name, config, m)), values.get(("hf", config, m))) for m, _ in RATIOS]
+            lines.append([config, name] + cells + ratios)
+    return header, lines
+
+
+def _ordered(names) -> list[str]:
+    order = list(contenders.CONTENDERS)
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
 def _ratio(value, reference) -> str:
     return "-" if value is None or not reference else f"{value / reference:.2f}"
+
+
+def summary(rows: list) -> str:
+    """The table as fixed-width text, the run's matmul rate and FLOP counts, warnings and every error."""
+    header, lines = table(rows)
+    widths = [30, 16] + [11] * (len(header) - 2)
+    render = lambda cells: "".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    text = [""] + [f"{r['contender']} {r['config']}: {r['value']} {r['unit']}" for r in rows
+                   if r["contender"] in ("device", "model") and r["metric"] != common.ERROR]
+    text += [render(header), "-" * sum(widths)] + [render(cells) for cells in lines]
+    text += [f"WARNING: {r['contender']} ran without its kernels in {r['config']}" for r in rows
+             if r["metric"] == "kernels_on" and not r["value"]]
+    errors = [r for r in rows if r["metric"] == common.ERROR]
+    text.append(f"errors: {len(errors)}")
+    text += [f"  {r['contender']} | {r['config']} | {str(r['value'])[:200]}" for r in errors]
+    return "\n".join(text)
+
+
+def markdown(rows: list) -> str:
+    """The table for docs/benchmarks.md, then the errors (contender, config, message)."""
+    header, lines = table(rows)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    errors = [r for r in rows if r["metric"] == common.ERROR]
+    if errors:
+        out += ["", "| contender | config | error |", "|---|---|---|"]
+        out += [f"| {r['contender']} | {r['config']} | {str(r['value'])[:160].replace('|', '/')} |" for r in errors]
+    return "\n".join(out)
+
+
+def bar_chart_svg(rows: list) -> str:
+    """Tokens/s per contender, one group of horizontal bars per config, as a standalone SVG (no plotting
+    library needed: the results are turned into the docs' figure on any machine)."""
+    header, lines = table(rows)
+    names = _ordered({cells[1] for cells in lines})
+    colors = dict(zip(names, ("#8c8c8c", "#4c78a8", "#f58518", "#54a24b", "#b279a2", "#e45756")))
+    tps = header.index("tok/s")
+    bar, gap, left, width = 16, 14, 330, 420
+    y, body = 40, []
+    for config in dict.fromkeys(cells[0] for cells in lines):
+        group = [c for c in lines if c[0] == config]
+        top = max(float(c[tps]) for c in group) or 1.0  # each config on its own scale: generation is slower
+        body.append(f'<text x="8" y="{y + 12}" font-weight="bold">{config}</text>')
+        y += 18
+        for cells in group:
+            value = float(cells[tps])
+            length = max(1.0, width * value / top)
+            body.append(f'<text x="{left - 8}" y="{y + 12}" text-anchor="end">{cells[1]}</text>'
+                        f'<rect x="{left}" y="{y}" width="{length:.1f}" height="{bar}" fill="{colors[cells[1]]}"/>'
+                        f'<text x="{left + length + 6:.1f}" y="{y + 12}">{value:,.0f} ({cells[-2]}x hf)</text>')
+            y += bar + 4
+        y += gap
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 160}" height="{y + 10}" '
+            f'font-family="sans-serif" font-size="12">'
+            f'<text x="8" y="20" font-size="14">Tokens/s by contender (higher is better; each config on its own '
+            f'scale)</text>'
+            + "".join(body) + "</svg>\n")
 
 
 def merge_documents(docs: list[dict]) -> dict:

@@ -1,0 +1,193 @@
+"""Smoke test of benchmarks/train.py (--tiny: a two-layer Llama on the CPU, slothbook's kernels under the Triton
+interpreter), its FLOP count and the merging of results files. Speed is not checked; the plumbing, the schema
+and the agreement of the contenders' first losses are."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train.py"
+FIELDS = {"benchmark", "contender", "config", "metric", "value", "unit"}
+slow = pytest.mark.slow  # the --tiny run: several processes and the Triton interpreter
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
+
+
+def _run(*args, timeout=900):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("train-bench")
+    out = base / "train.json"
+    done = _run("--tiny", "--out", str(out), "--workdir", str(base / "work"))
+    return json.loads(out.read_text()), done.stdout, base
+
+
+def _values(doc, **match):
+    return {(r["contender"], r["config"]): r["value"] for r in doc["rows"]
+            if all(r[k] == v for k, v in match.items())}
+
+
+@slow
+def test_results_document_schema(tiny):
+    doc, _, _ = tiny
+    assert {"device", "versions", "date", "command", "rows"} <= doc.keys()
+    assert "--tiny" in doc["command"] and doc["device"].startswith("cpu")
+    for r in doc["rows"]:
+        assert set(r) == FIELDS, r
+        assert r["benchmark"] == "train"
+        assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), r  # no error rows either
+
+
+@slow
+def test_every_contender_trains_every_config_and_batch(tiny):
+    doc, _, _ = tiny
+    measured = _values(doc, metric="tokens_per_s")
+    for contender in ("hf", "slothbook"):
+        for config in ("qlora", "lora16"):
+            for batch in train.TINY.batches:
+                key = (contender, f"{config} {train.TINY_SIZES['seq']}x{batch} tiny-llama")
+                assert measured.get(key, 0) > 0, key
+                assert key in _values(doc, metric="mfu") and key in _values(doc, metric="first_loss")
+    assert _values(doc, metric="kernels_on") == {("slothbook", "qlora tiny-llama"): 1.0,
+                                                 ("slothbook", "lora16 tiny-llama"): 1.0,
+                                                 ("slothbook", "gen tiny-llama"): 1.0}
+
+
+@slow
+def test_contenders_see_the_same_model_and_tokens(tiny):
+    """Same weights, same token ids, LoRA B starting at zero: the first step's loss must agree."""
+    doc, _, _ = tiny
+    losses = _values(doc, metric="first_loss")
+    configs = {config for _, config in losses}
+    assert len(configs) == 2 * len(train.TINY.batches)
+    for config in configs:
+        hf, ours = losses[("hf", config)], losses[("slothbook", config)]
+        assert abs(hf - ours) < 2e-3 * hf, (config, hf, ours)
+        assert abs(hf - math.log(train.TINY.get("vocab_size"))) < 0.5  # random weights: about uniform
+
+
+@slow
+def test_generation_rows(tiny):
+    doc, _, _ = tiny
+    prompt, new = train.TINY_SIZES["gen_prompt"], train.TINY_SIZES["gen_new"]
+    measured = _values(doc, metric="tokens_per_s")
+    for contender in ("hf", "slothbook"):
+        for batch in train.TINY_SIZES["gen_batches"]:
+            assert measured.get((contender, f"gen {prompt}+{new}x{batch} tiny-llama"), 0) > 0
+
+
+@slow
+def test_flop_count_and_calibration_are_recorded(tiny):
+    doc, _, _ = tiny
+    assert _values(doc, contender="model", metric="gflop_per_token")
+    assert list(_values(doc, contender="device", metric="tflops").values())[0] > 0
+
+
+@slow
+def test_summary_and_cleanup(tiny):
+    doc, stdout, base = tiny
+    assert "x hf tok/s" in stdout and "errors: 0" in stdout
+    assert "lora16 32x2 tiny-llama" in stdout
+    assert not list((base / "work").glob("*-random*"))  # the random checkpoint is removed after the run
+    assert not (base / "train.partial.json").exists()
+
+
+# ------------------------------------------------------------------ FLOP count
+
+
+def test_llama_flops_per_token_against_a_hand_count():
+    layer = 4096 * (4096 + 1024 + 1024) + 4096 * 4096 + 3 * 4096 * 14336
+    n_base = 32 * layer + 4096 * 128256
+    n_lora = 32 * 16 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 14336))
+    attention = 32 * 2 * 4096 * 2048  # causal QK^T and PV per token
+    expected = 4 * n_base + 6 * n_lora + 3 * attention
+    got = train.flops_per_token(train.MODELS["llama"], 2048)
+    assert got == expected
+    assert abs(got / 32.1e9 - 1) < 0.01  # the issue's estimate
+
+
+def test_flops_grow_with_sequence_only_through_attention():
+    shape = train.MODELS["gemma"]
+    growth = train.flops_per_token(shape, 4096) - train.flops_per_token(shape, 2048)
+    assert growth == 3 * 42 * 2 * (16 * 256) * 2048
+
+
+def test_checkpoint_size_counts_an_untied_head_twice():
+    llama, gemma = train.MODELS["llama"], train.MODELS["gemma"]
+    assert 14.5 < train.checkpoint_bytes(llama) / 2**30 < 15.5  # 8.0B weights in bf16 (norms left out)
+    assert 17 < train.checkpoint_bytes(gemma) / 2**30 < 18  # 9.2B, tied embeddings
+
+
+# ------------------------------------------------------------------ parent plumbing
+
+
+def _doc(command, rows, versions):
+    return {"device": "NVIDIA H100 80GB HBM3", "device_details": {}, "versions": versions, "date": command,
+            "command": command, "rows": rows, "notes": []}
+
+
+def test_merge_keeps_later_rows_and_every_part(tmp_path):
+    row = lambda contender, value: {"benchmark": "train", "contender": contender,  # noqa: E731
+                                    "config": "qlora 2048x4 llama-3.1-8b", "metric": "tokens_per_s",
+                                    "value": value, "unit": "tokens/s"}
+    a = _doc("a", [row("hf", 1.0), row("slothbook", 2.0)], {"torch": "2.11", "trl": "1.16.0"})
+    b = _doc("b", [row("slothbook", 3.0), row("unsloth", 4.0)], {"torch": "2.11", "trl": "1.15.0", "unsloth": "x"})
+    paths = []
+    for name, doc in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out, chart = tmp_path / "merged.json", tmp_path / "chart.svg"
+    done = _run("--merge", *map(str, paths), "--out", str(out), "--markdown", "--chart", str(chart), timeout=120)
+    merged = json.loads(out.read_text())
+    assert {r["contender"]: r["value"] for r in merged["rows"]} == {"hf": 1.0, "slothbook": 3.0, "unsloth": 4.0}
+    assert merged["command"] == "a ; b" and [p["command"] for p in merged["parts"]] == ["a", "b"]
+    assert merged["versions"]["unsloth"] == "x" and any("trl 1.15.0" in n for n in merged["notes"])
+    assert "3.00" in done.stdout and "4.00" in done.stdout  # tokens/s as ratios to hf's
+    assert "| qlora 2048x4 llama-3.1-8b | unsloth | 4 | - | - | - | - | 4.00 | - |" in done.stdout
+    svg = ElementTree.parse(chart).getroot()
+    labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
+    assert {"hf", "slothbook", "unsloth", "qlora 2048x4 llama-3.1-8b"} <= set(labels)
+    assert "3 (3.00x hf)" in labels
+
+
+def test_spent_budget_records_what_did_not_run(tmp_path):
+    out = tmp_path / "t.json"
+    _run("--tiny", "--budget-s", "0", "--out", str(out), "--workdir", str(tmp_path), timeout=120)
+    rows = json.loads(out.read_text())["rows"]
+    errors = [r for r in rows if r["metric"] == "error"]
+    assert errors and all(r["value"] == "not run: time budget spent" for r in errors)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is not None, reason="unsloth is installed here")
+def test_missing_unsloth_is_an_error_row_with_the_import_message():
+    spec = dict(kind="train", contender="unsloth", config="qlora", model="tiny-llama", tiny=True)
+    done = _run("--worker", json.dumps(spec), timeout=120)
+    result = json.loads(done.stdout.strip().splitlines()[-1].removeprefix("@@RESULT@@ "))
+    [row] = result["rows"]
+    assert row["contender"] == "unsloth" and row["metric"] == "error"
+    assert "No module named 'unsloth'" in row["value"]
