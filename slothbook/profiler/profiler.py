@@ -70,6 +70,7 @@ class MemoryProfiler:
         self.optimizer = None
         self.meter = None
         self.phase = "before training"
+        self.last_shape: tuple[int, int] | None = None  # (batch, sequence length) of the latest forward
         self._handles: list = []
         self._opt_handle = None
         self._offloaded = _offloaded_bytes_reader()
@@ -194,6 +195,7 @@ class MemoryProfiler:
         self.samples.append(row)
         self._open = False
         self.phase = "between steps"
+        self.resolve_losses()
         self._redraw()
         return row
 
@@ -215,6 +217,7 @@ class MemoryProfiler:
             ids = kwargs["inputs_embeds"][..., 0]
         if isinstance(ids, torch.Tensor):
             self._tokens += ids.numel()
+            self.last_shape = (ids.shape[0], ids.shape[-1]) if ids.dim() > 1 else (1, ids.shape[0])
         self.meter.forward_begin(self._named_tensors)
 
     def _on_forward_end(self, module, args, output):
@@ -291,6 +294,15 @@ class MemoryProfiler:
                       opt, max(0, peak - named), max(s.offloaded for s in phases), held - max(peak, named),
                       max(peak, named), held, peak, self.meter.capacity, tokens, seconds)
 
+    @property
+    def current_step(self) -> int:
+        """The step running now (or the last one, between steps), counted from 1."""
+        return self._step
+
+    def measure_now(self) -> Sample:
+        """A sample of this moment, outside the step's record (used to explain an out-of-memory error)."""
+        return self._measure(self.phase)
+
     def _find(self, step: int, phase: str) -> Sample | None:
         for s in reversed(self.samples):
             if s.step == step and s.phase == phase:
@@ -301,7 +313,7 @@ class MemoryProfiler:
 
     def resolve_losses(self, wait: bool = False) -> None:
         """Fill in the losses whose values have reached the host (all of them with wait=True)."""
-        for row in self.steps:
+        for row in self._rows():
             pending = self._pending.get(row.step)
             if row.loss is None and pending:
                 values = [p.value(wait) for p in pending]
@@ -313,7 +325,12 @@ class MemoryProfiler:
 
     @property
     def steps(self) -> list[Sample]:
-        """One row per finished step: the step's peak split by category, with tokens, time and loss."""
+        """One row per finished step: the step's peak split by category, with tokens, time and loss (a loss
+        still on its way from the GPU reads None)."""
+        self.resolve_losses()
+        return self._rows()
+
+    def _rows(self) -> list[Sample]:
         return [s for s in self.samples if s.phase == PEAK]
 
     def to_pandas(self):
