@@ -27,6 +27,8 @@ import types
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from slothbook.kernels._utils import is_interpret
 from slothbook.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -144,7 +146,7 @@ def lora_parts(module: nn.Module) -> tuple[LoRAProjection, torch.Tensor | None] 
     name = active[0]
     a, b = lora_a[name], module.lora_B[name]
     plain = (isinstance(module.lora_dropout[name], nn.Identity) and name not in getattr(module, "lora_variant", {})
-             and not module.use_dora.get(name, False) and not getattr(module, "fan_in_fan_out", False)
+             and not getattr(module, "use_dora", {}).get(name, False) and not getattr(module, "fan_in_fan_out", False)
              and type(a) is nn.Linear and type(b) is nn.Linear and a.bias is None and b.bias is None)
     weight = _frozen_base_weight(base) if plain else None
     if weight is None:
@@ -265,8 +267,6 @@ def _update_cache(cache, k, v, layer_idx, cos, sin, kwargs):
 
 
 def _attention_function(implementation: str, eager):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
         return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
     return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
@@ -341,8 +341,6 @@ def _plain_head(head) -> bool:
 
 
 def _causal_lm_output(loss, outputs, return_dict):
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
     out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
                                  hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out

@@ -28,7 +28,7 @@ class Wiring:
 
     @classmethod
     def named(cls, prefix: str, **quirks) -> Wiring:
-        """The classes transformers names `<prefix>RMSNorm`, `<prefix>Attention`, `<prefix>MLP`, `<prefix>ForCausalLM`."""
+        """Transformers' class names: `<prefix>RMSNorm`, `<prefix>Attention`, `<prefix>MLP`, `<prefix>ForCausalLM`."""
         return cls(f"{prefix}RMSNorm", f"{prefix}Attention", f"{prefix}MLP", f"{prefix}ForCausalLM", **quirks)
 
 
