@@ -1,0 +1,98 @@
+"""The memory estimate as the magic and the Studio show it: a table, a chart, and whether it fits.
+
+A plan targets one place: a GPU size given in GiB (a card you do not have here), a device of this machine
+(its free memory), or nothing at all (the current GPU, else the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..profiler import Estimate, estimate, max_fit
+from ..profiler.samples import LABELS, format_bytes
+from .devices import free_bytes
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the step would run: the budget in bytes and how the estimator should model it."""
+
+    label: str  # completes "the 24 GiB ...": "of a 24 GiB GPU", "free on cuda:0", "available on the CPU"
+    budget: int
+    dtype: str
+    implementation: str  # "kernels" on a GPU, "hf" (transformers' own modules) on the CPU
+    cpu: bool
+
+
+def resolve_target(device: str | None = None, gpu_memory_gib: float | None = None, dtype: str | None = None) -> Target:
+    """A GPU of `gpu_memory_gib` GiB, else `device` ("cpu", "cuda:N"), else the current GPU, else the CPU."""
+    import torch
+
+    if gpu_memory_gib is not None:
+        if gpu_memory_gib <= 0:
+            raise ConfigError(f"gpu memory must be a positive number of GiB, got {gpu_memory_gib}.")
+        return Target(f"of a {gpu_memory_gib:g} GiB GPU", int(gpu_memory_gib * GIB), dtype or "bf16", "kernels", False)
+    if device is None:
+        device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return Target("available on the CPU", free_bytes("cpu"), dtype or "fp32", "hf", True)
+    index = int(device.split(":")[1]) if ":" in device else 0
+    bf16 = torch.cuda.get_device_capability(index)[0] >= 8
+    return Target(f"free on {device}", free_bytes(device), dtype or ("bf16" if bf16 else "fp16"), "kernels",
+                  False)
+
+
+def plan(model: str, seq_len: int, batch_size: int = 1, r: int = 16, load_in_4bit: bool = True,
+         offload: bool = True, target: Target | None = None, optimizer: str = "adamw") -> Estimate:
+    """The estimator's prediction for one configuration on `target` (default: this machine's current device)."""
+    target = target or resolve_target()
+    # On the CPU there is nowhere to offload to: the offloading wrapper checkpoints plainly.
+    checkpointing = "plain" if offload and target.cpu else ("offload" if offload else "plain")
+    return estimate(model, seq_len=seq_len, batch_size=batch_size, r=r, load_in_4bit=load_in_4bit,
+                    checkpointing=checkpointing, optimizer=optimizer, dtype=target.dtype, gpu_memory=target.budget,
+                    implementation=target.implementation)
+
+
+def estimate_table(est: Estimate):
+    """A DataFrame: each category's predicted bytes and share of the peak, then the peak."""
+    import pandas as pd
+
+    rows = [(LABELS[c], format_bytes(b), f"{b / est.total:.0%}") for c, b in est.bytes.items()]
+    rows.append(("predicted peak", format_bytes(est.total), "100%"))
+    return pd.DataFrame(rows, columns=["category", "memory", "share"]).set_index("category")
+
+
+def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
+    """(fits, a sentence saying so; when it does not, what would fit instead)."""
+    budget = target.budget
+    if est.fits(budget):
+        return True, (f"Fits: predicted peak {format_bytes(est.total)} of the {format_bytes(budget)} {target.label} "
+                      f"({est.total / budget:.0%}).")
+    s = est.settings
+    fit = max_fit(model, budget, seq_len=s["seq_len"], batch_size=s["batch_size"], r=s["r"],
+                  load_in_4bit=s["load_in_4bit"], checkpointing=s["checkpointing"], optimizer=s["optimizer"],
+                  dtype=s["dtype"], implementation=s["implementation"])
+    hints = [] if s["load_in_4bit"] else ["load in 4-bit"]
+    if s["checkpointing"] != "offload" and not target.cpu:
+        hints.append("offload activations")
+    advice = f" What fits: {fit}." if fit.seq_len or fit.batch_size else " Not even the shortest sequence fits."
+    more = f" Or {' and '.join(hints)}." if hints else ""
+    return False, (f"Will not fit: predicted peak {format_bytes(est.total)} exceeds the {format_bytes(budget)} "
+                   f"{target.label}.{advice}{more}")
+
+
+def show_estimate(est: Estimate, target: Target, model: str) -> bool:
+    """Display the table, the chart and the verdict; return whether it fits."""
+    from IPython.display import display
+
+    from .feedback import Message
+    from .static import show_static
+
+    fits, sentence = verdict(est, target, model)
+    display(estimate_table(est))
+    show_static(est.figure(), width=900, height=400)
+    display(Message(sentence, "ok" if fits else "warning"))
+    return fits
