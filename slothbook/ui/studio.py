@@ -72,6 +72,7 @@ class Studio:
         self.output = output
         self.result = None
         self.profiler = None
+        self.view = None  # the TrainingView of the last run
         self.last_estimate = None
         self.last_export = None
         self.job: Job | None = None
@@ -297,7 +298,7 @@ class Studio:
         device = self.device_box.value
         self.profiler = profiler = MemoryProfiler(device=device)
         self._stop = stop = StopCallback()
-        view = TrainingView(cfg.steps, profiler)
+        self.view = view = TrainingView(cfg.steps, profiler)
         self.training_box.children = [view.widget]
         self.tabs.selected_index = 1
         view.show_profiler(profiler)

@@ -50,6 +50,7 @@ class TrainingView(TrainerCallback):
                                  bar_style="info", layout=w.Layout(width="320px"))
         self.status = w.HTML("loading the model and the data ...")
         self.figure_box = w.Output()
+        self.figure = None  # the profiler's live FigureWidget, once shown
         self.widget = w.VBox([w.HBox([self.bar, self.status]), self.figure_box])
         self.loss: float | None = None
         self.step = 0
@@ -58,7 +59,7 @@ class TrainingView(TrainerCallback):
     def show_profiler(self, profiler) -> None:
         self.profiler = profiler
         with self.figure_box:
-            profiler.show()
+            self.figure = profiler.show()
 
     # ---- trainer events -----------------------------------------------------------------------------------
 
