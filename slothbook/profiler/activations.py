@@ -103,10 +103,10 @@ def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> int:
 # (hidden 576/1152, intermediate 1536/3072, 1024 tokens, LoRA r=16 on all projections); the fp32 and bf16 cases
 # differ because PEFT's fp32 adapter path adds fp32 copies and gradients to a bf16 layer.
 HF_TRANSIENT = {
-    (True, 4): (1.825, -0.597),
-    (True, 2): (1.618, 4.774),
-    (False, 4): (1.011, 0.855),
-    (False, 2): (-0.116, 4.865),
+    (True, 4): (2.012, 0.007),
+    (True, 2): (1.993, 5.982),
+    (False, 4): (1.199, 1.459),
+    (False, 2): (0.259, 6.073),
 }
 
 
@@ -128,19 +128,19 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
                         impl: str = "kernels", grads: int = 0) -> ActivationEstimate:
     """Activation bytes of one step over `n_tokens` tokens (batch x sequence length).
 
-    grads: the LoRA gradient bytes. The two candidate peaks are compared as totals: the head's comes first in
-    backward, before any adapter gradient exists; a layer's comes with (nearly) all of them allocated. `peak`
-    follows the profiler's convention: the step's peak less every named tensor, gradients counted in full.
+    grads: the LoRA gradient bytes, which grow during backward: candidate peaks are compared with the gradients
+    that exist at each. `peak` follows the profiler's convention: the step's peak less every named tensor,
+    gradients counted in full (so it can be less than the activation bytes alive at the peak).
     """
     targets = frozenset(targets)
     saved = layer_saved(s, a, r, targets, impl)
     shared = 2 * a * s.head_dim  # rotary cos and sin, computed once per forward
     if checkpointing == "off":
-        held_layers, working = s.layers * saved, 0
+        per_layer, working = saved, 0  # a layer's saved tensors are its working set
     elif checkpointing == "plain":
-        held_layers, working = s.layers * a * s.hidden, saved
+        per_layer, working = a * s.hidden, saved
     else:  # offload: the recomputed layer's input and the prefetched one below it are on the device
-        held_layers, working = 0, saved + 2 * a * s.hidden
+        per_layer, working = 0, saved + 2 * a * s.hidden
     working += layer_transient(s, a, impl, recompute=checkpointing != "off")
 
     if impl == "hf":
@@ -153,9 +153,13 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
         head_held = 2 * a * s.hidden + 4
         head_peak = n_tokens * (head_held + 4) + default_ce_chunk(n_tokens, s.hidden, s.vocab) * s.vocab * a
 
-    base = n_tokens * (held_layers + shared)
-    at_head = base + head_peak  # before any adapter gradient exists
-    at_layer = base + n_tokens * working  # with (nearly) every adapter gradient allocated
-    where = "head" if at_head - grads >= at_layer else "layer"
+    held = n_tokens * (s.layers * per_layer + shared)
+    at_head = held + head_peak  # backward's first node: no adapter gradient exists yet
+    # Backward frees each layer's held tensors once past it while adapter gradients accumulate: the largest layer
+    # moment is the top layer (everything held, no gradient) or the bottom one (one layer held, all gradients).
+    top = held + n_tokens * working
+    bottom = n_tokens * (per_layer + shared + working) + grads
+    at_layer = max(top, bottom)
+    where = "head" if at_head >= at_layer else "layer"
     offloaded = n_tokens * s.layers * a * s.hidden if checkpointing == "offload" else 0
-    return ActivationEstimate(base + n_tokens * head_held, max(at_head - grads, at_layer), where, offloaded)
+    return ActivationEstimate(held + n_tokens * head_held, max(at_head, at_layer) - grads, where, offloaded)

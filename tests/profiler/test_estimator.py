@@ -1,0 +1,122 @@
+"""The estimator against the real model: exact named categories, activations within 15%, fitting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slothbook.errors import ConfigError
+from slothbook.profiler import MemoryProfiler, estimate, max_fit
+from slothbook.profiler.estimator import nf4_bytes
+
+LLAMA_31_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+                   max_position_embeddings=131072)
+
+
+def _profile(model, optimizer, run_steps, seq_len, cpu_mode="saved"):
+    with MemoryProfiler(model, optimizer, cpu_mode=cpu_mode) as prof:
+        run_steps(model, optimizer, seq_len=seq_len, steps=2, profiler=prof)
+    return {s.phase: s for s in prof.samples if s.step == 2}
+
+
+def _estimate(model, seq_len, load_in_4bit):
+    # The CPU runs transformers' own modules (no Triton kernels) in fp32, with plain checkpointing.
+    return estimate(model.config, seq_len, 1, r=16, load_in_4bit=load_in_4bit, checkpointing="plain",
+                    optimizer="adamw", dtype="fp32", implementation="hf")
+
+
+@pytest.mark.parametrize("which,load_in_4bit", [("model16", False), ("model4", True)])
+def test_weights_lora_gradients_optimizer_are_exact(which, load_in_4bit, request, adamw, run_steps):
+    model = request.getfixturevalue(which)
+    measured = _profile(model, adamw(model), run_steps, seq_len=16)
+    est = _estimate(model, 16, load_in_4bit)
+    assert est["weights"] == measured["optimizer"].weights
+    assert est["lora"] == measured["optimizer"].lora
+    assert est["gradients"] == measured["backward"].gradients
+    assert est["optimizer"] == measured["optimizer"].optimizer
+
+
+def test_activations_within_15_percent_at_three_lengths(model16, adamw, run_steps):
+    opt = adamw(model16)
+    for seq_len in (32, 64, 128):
+        est = _estimate(model16, seq_len, False)
+        saved = _profile(model16, opt, run_steps, seq_len)
+        assert est.detail["held_after_forward"] == pytest.approx(saved["forward"].activations, rel=0.15)
+        exact = _profile(model16, opt, run_steps, seq_len, cpu_mode="exact")
+        assert est["activations"] == pytest.approx(exact["peak"].activations, rel=0.15)
+        assert est.total == pytest.approx(exact["peak"].peak, rel=0.15)
+
+
+def test_nf4_storage_of_one_weight():
+    # 4096 x 4096: 8 MiB of packed nibbles, 262144 uint8 absmax, 1024 fp32 second-level absmax, the two codes, offset.
+    n = 4096 * 4096
+    assert nf4_bytes(n) == n // 2 + n // 64 + 4 * (n // 64 // 256) + 64 + 1024 + 4
+
+
+def test_llama_8b_qlora_is_the_known_size():
+    est = estimate(LLAMA_31_8B, 2048, 1, load_in_4bit=True)
+    # 7.0B decoder weights in NF4 (~3.6 GB) plus 16-bit embeddings and head (2 x 1.05 GB).
+    assert 5.5e9 < est["weights"] < 6.0e9
+    # LoRA r=16 on the 7 projections of 32 layers: 41.9M fp32 parameters.
+    assert est["lora"] == 4 * 41_943_040
+    assert est["optimizer"] == 2 * est["lora"] + 4 * 7 * 32 * 2
+    sixteen = estimate(LLAMA_31_8B, 2048, 1, load_in_4bit=False)
+    assert 16.0e9 < sixteen["weights"] < 16.1e9
+
+
+def test_checkpointing_modes_order_and_offload_reports_host_bytes():
+    peaks = {mode: estimate(LLAMA_31_8B, 8192, 1, checkpointing=mode) for mode in ("off", "plain", "offload")}
+    assert peaks["offload"]["activations"] < peaks["plain"]["activations"] < peaks["off"]["activations"]
+    assert peaks["offload"].detail["offloaded"] == 32 * 8192 * 4096 * 2
+    assert peaks["plain"].detail["offloaded"] == 0
+
+
+def test_optimizers():
+    adam = estimate(LLAMA_31_8B, 1024, optimizer="adamw")
+    eight = estimate(LLAMA_31_8B, 1024, optimizer="adamw_8bit")
+    sgd = estimate(LLAMA_31_8B, 1024, optimizer="sgd")
+    assert sgd["optimizer"] == 0 < eight["optimizer"] < adam["optimizer"] / 3
+
+
+def test_max_fit_is_the_boundary():
+    budget = 24 * 2**30
+    fit = max_fit(LLAMA_31_8B, budget, seq_len=4096, batch_size=2)
+    assert estimate(LLAMA_31_8B, fit.seq_len, 2).total <= budget < estimate(LLAMA_31_8B, fit.seq_len + 64, 2).total
+    assert estimate(LLAMA_31_8B, 4096, fit.batch_size).total <= budget < estimate(LLAMA_31_8B, 4096,
+                                                                                  fit.batch_size + 1).total
+    tiny = max_fit(LLAMA_31_8B, 2**30)  # 1 GiB does not hold the weights
+    assert tiny.seq_len is None and tiny.batch_size is None
+
+
+def test_result_table_figure_and_inputs(embedded_dir):
+    by_name = estimate("smollm2-135m", 512, 2, gpu_memory=8 * 2**30)
+    by_path = estimate(str(embedded_dir), 512, 2)
+    assert by_name.total == by_path.total
+    assert by_name.fits() and not by_name.fits(2**20)
+    df = by_name.to_pandas()
+    assert list(df.category) == ["weights", "lora", "gradients", "optimizer", "activations", "total"]
+    assert df.bytes.iloc[-1] == by_name.total == sum(by_name.bytes.values())
+    fig = by_name.figure()
+    assert [round(y, 6) for y in fig.data[0].y] == [round(b / 2**30, 6) for b in by_name.bytes.values()]
+    assert "predicted peak" in str(by_name)
+
+
+@pytest.mark.parametrize("bad", [dict(checkpointing="sometimes"), dict(optimizer="lion"), dict(seq_len=0),
+                                 dict(implementation="jax")])
+def test_bad_arguments_are_config_errors(bad):
+    kwargs = dict(seq_len=128) | bad
+    with pytest.raises(ConfigError):
+        estimate(LLAMA_31_8B, **kwargs)
+
+
+def test_unknown_target_module_is_a_config_error():
+    with pytest.raises(ConfigError, match="match no linear layer"):
+        estimate(LLAMA_31_8B, 128, target_modules=["qkv_proj"])
+
+
+def test_estimate_reads_no_weights():
+    before = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    estimate(LLAMA_31_8B, 128)  # 16 GB of bf16 weights if anything were materialised
+    if before is not None:
+        assert torch.cuda.memory_allocated() == before
