@@ -113,9 +113,13 @@ class MemoryProfiler:
         if hasattr(inner, "register_step_post_hook"):
             self._opt_handle = inner.register_step_post_hook(lambda *_: self.mark("optimizer"))
 
-    def detach(self) -> None:
-        if self._open:
+    def detach(self, finish: bool = True) -> None:
+        """Remove the hooks. finish=False drops an unfinished step instead of recording it (after an error)."""
+        if self._open and finish:
             self.end_step()
+        elif self._open:
+            self.meter.step_end()
+            self._open = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -135,10 +139,11 @@ class MemoryProfiler:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.detach()
+        translated = self.translate_oom(exc) if _is_oom(exc) else None
+        self.detach(finish=exc is None)
         self._redraw(force=True)
-        if isinstance(exc, torch.OutOfMemoryError):
-            raise self.translate_oom(exc) from exc
+        if translated is not None:
+            raise translated from exc
         return False
 
     def callback(self):
@@ -402,8 +407,17 @@ class MemoryProfiler:
         try:
             yield self
         except torch.OutOfMemoryError as exc:
-            self.meter.close()
-            raise self.translate_oom(exc) from exc
+            if not _is_oom(exc):
+                raise  # already translated
+            translated = self.translate_oom(exc)
+            self.detach(finish=False)
+            raise translated from exc
+
+
+def _is_oom(exc) -> bool:
+    from .oom import TrainingOutOfMemoryError
+
+    return isinstance(exc, torch.OutOfMemoryError) and not isinstance(exc, TrainingOutOfMemoryError)
 
 
 def _output_tensors(output) -> list[torch.Tensor]:
