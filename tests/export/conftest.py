@@ -1,0 +1,106 @@
+"""Export fixtures: the embedded SmolLM2-135M after a short real LoRA fine-tune, shared by the whole session."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+TRAIN_TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Slothbook exports fine-tuned models to GGUF for llama.cpp and Ollama.",
+    "Le renard brun saute par-dessus le chien paresseux.",
+]
+LORA_RANK = 8
+
+
+def exact_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits computed with the model's exact arithmetic.
+
+    Train mode with every dropout at 0 changes nothing in a Llama forward, but it keeps bitsandbytes off its
+    CPU inference path, which repacks 4-bit weights in place with bf16 block scales and computes in bf16
+    (a lossy shortcut that is not the model's math). Grad stays off.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids).logits.float()
+    finally:
+        model.train(was_training)
+
+
+def _lora_model(load_in_4bit: bool):
+    from slothbook import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m", load_in_4bit=load_in_4bit, max_seq_length=256)
+    peft_model = FastLanguageModel.get_peft_model(model, r=LORA_RANK, lora_alpha=16, use_gradient_checkpointing=False)
+    return peft_model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def finetuned():
+    """The fp32 embedded model with LoRA r=8 trained 10 AdamW steps on a few sentences (lora_B becomes non-zero)."""
+    torch.manual_seed(0)
+    model, tokenizer = _lora_model(load_in_4bit=False)
+    batch = tokenizer(TRAIN_TEXTS, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    probe = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    before = exact_logits(model, probe)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    from peft import get_peft_model_state_dict
+
+    adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    shift = (exact_logits(model, probe) - before).abs().max().item()
+    return SimpleNamespace(model=model, tokenizer=tokenizer, adapter=adapter, losses=losses, logit_shift=shift)
+
+
+@pytest.fixture(scope="session")
+def finetuned_4bit(finetuned):
+    """The same trained adapter on the NF4 (QLoRA) base: real NF4 weights, real trained LoRA weights.
+
+    The adapter is copied rather than trained again to keep the suite fast on two cores.
+    """
+    from peft import set_peft_model_state_dict
+
+    model, tokenizer = _lora_model(load_in_4bit=True)
+    set_peft_model_state_dict(model, finetuned.adapter)
+    return SimpleNamespace(model=model, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def merged16_dir(finetuned, tmp_path_factory):
+    """The fine-tune merged to 16-bit (fp32 here: the CPU model's dtype) in shards of 100 MB."""
+    from slothbook.export import save_pretrained_merged
+
+    path = tmp_path_factory.mktemp("export") / "merged16"
+    save_pretrained_merged(finetuned.model, path, finetuned.tokenizer, save_method="merged_16bit",
+                           max_shard_size="100MB")
+    return path
+
+
+@pytest.fixture(scope="session")
+def merged16_model(merged16_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(merged16_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def gguf_files(finetuned, tmp_path_factory):
+    """f16, q8_0 and q4_k_m GGUFs of the fine-tune, written in one call."""
+    from slothbook.export import save_pretrained_gguf
+
+    folder = tmp_path_factory.mktemp("export") / "gguf"
+    paths = save_pretrained_gguf(finetuned.model, folder, finetuned.tokenizer, ["f16", "q8_0", "q4_k_m"])
+    return dict(zip(["f16", "q8_0", "q4_k_m"], paths))
