@@ -23,10 +23,12 @@ same run) and first_loss (the loss of the first step: every contender sees the s
 so these agree to bf16 rounding; a contender that disagrees computes something else). A failure is an
 "error" row with the exact message.
 
-  python benchmarks/train.py --models llama --configs qlora lora16      # one piece (about 7 minutes on an H100)
-  python benchmarks/train.py --models qwen gemma --append                # more pieces into the same file
-  python benchmarks/train.py --merge a.json b.json --out benchmarks/results/train.json   # join pieces
-  python benchmarks/train.py --tiny                                       # CPU smoke test (Triton interpreter)
+  python benchmarks/train.py --models llama --configs qlora lora16 --out a.json   # one device call (estimated
+  python benchmarks/train.py --models gemma --configs qlora lora16 --out b.json   # 7 minutes each, unmeasured)
+  python benchmarks/train.py --merge a.json b.json --out benchmarks/results/train.json --markdown --chart c.svg
+  python benchmarks/train.py --tiny                                # CPU smoke test (Triton interpreter)
+
+docs/benchmarks.md gives the split of the full set into device calls, and the method and FLOP count in full.
 
 Results: benchmarks/results/train.json, format in benchmarks/common.py; a summary table with ratios to hf
 is printed at the end.
