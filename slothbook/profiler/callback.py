@@ -40,6 +40,11 @@ class ProfilerCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.profiler.end_step()
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # TRL computes its loss outside the model (from per-token log-probs): take the logged one.
+        if logs and "loss" in logs:
+            self.profiler.note_loss(logs["loss"])
+
     def on_train_end(self, args, state, control, **kwargs):
         self.profiler.detach()
         self.profiler._redraw(force=True)

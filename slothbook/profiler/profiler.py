@@ -236,14 +236,17 @@ class MemoryProfiler:
         loss = getattr(output, "loss", None) if not isinstance(output, torch.Tensor) else output
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self._losses.append(PendingScalar(loss))
-        target = loss if isinstance(loss, torch.Tensor) and loss.requires_grad else next(
-            (t for t in tensors if t.requires_grad), None)
-        if target is not None:
-            target.register_hook(self._on_backward_begin)
+        # Whichever output the caller's loss is made from (the loss, logits, TRL's per-token log-probs), backward
+        # reaches it first; a hook there queues the "after backward" sample for when the pass is done.
+        pending = [False]
+        for t in tensors:
+            if t.requires_grad:
+                t.register_hook(lambda grad, pending=pending: self._on_backward_begin(pending))
 
-    def _on_backward_begin(self, grad):
-        # Runs when backward reaches the loss; the queued callback runs when the whole backward pass is done.
-        torch.autograd.Variable._execution_engine.queue_callback(lambda: self.mark("backward"))
+    def _on_backward_begin(self, pending: list) -> None:
+        if not pending[0]:
+            pending[0] = True
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.mark("backward"))
 
     # ---- measuring ----------------------------------------------------------------------------------------
 
@@ -315,6 +318,12 @@ class MemoryProfiler:
             if s.step < step:
                 return None
         return None
+
+    def note_loss(self, loss: float) -> None:
+        """Give the last finished step a loss the model did not return (Trainer's logged loss)."""
+        rows = self._rows()
+        if rows and rows[-1].loss is None and not self._pending.get(rows[-1].step):
+            rows[-1].loss = float(loss)
 
     def resolve_losses(self, wait: bool = False) -> None:
         """Fill in the losses whose values have reached the host (all of them with wait=True)."""
