@@ -27,6 +27,12 @@ def load_lora_model(name: str, load_in_4bit: bool, checkpointing=True):
 
 
 @pytest.fixture(scope="session")
+def lora_model_loader():
+    """load_lora_model(name, load_in_4bit, checkpointing=True): a fresh LoRA model on the CPU."""
+    return load_lora_model
+
+
+@pytest.fixture(scope="session")
 def model16(train_model_name):
     return load_lora_model(train_model_name, load_in_4bit=False)
 

@@ -11,12 +11,19 @@ from slothbook.profiler import MemoryProfiler
 TEXTS = [f"Question {i}: what is {i} + {i}? Answer: {2 * i}." for i in range(16)]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_sft_trainer_steps_are_profiled(model16, train_model_name, tmp_path, grad_accum):
+@pytest.fixture(scope="module")
+def trained(train_model_name, lora_model_loader):
+    """A model of its own: Trainer switches its checkpointing and TRL patches its head."""
     from slothbook import FastLanguageModel
 
     _, tokenizer = FastLanguageModel.from_pretrained(train_model_name, max_seq_length=64, device_map={"": "cpu"},
                                                      kernels=False)
+    return lora_model_loader(train_model_name, load_in_4bit=False), tokenizer
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_sft_trainer_steps_are_profiled(trained, tmp_path, grad_accum):
+    model16, tokenizer = trained
     args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
                      gradient_accumulation_steps=grad_accum, max_length=32, learning_rate=1e-5, logging_steps=1,
                      save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,

@@ -120,3 +120,26 @@ def test_estimate_reads_no_weights():
     estimate(LLAMA_31_8B, 128)  # 16 GB of bf16 weights if anything were materialised
     if before is not None:
         assert torch.cuda.memory_allocated() == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpointing", [True, "slothbook"], ids=["plain", "offload"])
+def test_estimate_is_within_20_percent_of_the_cuda_peak(train_model_name, checkpointing):
+    from slothbook import FastLanguageModel
+    from slothbook.profiler.setup import training_setup
+
+    model, _ = FastLanguageModel.from_pretrained(train_model_name, load_in_4bit=True, max_seq_length=2048)
+    model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing=checkpointing)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    with MemoryProfiler(model, opt) as prof:
+        ids = torch.randint(0, model.config.vocab_size, (2, 2048), device="cuda")
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prof.step()
+    est = estimate(model.config, 2048, 2, **training_setup(model, opt, "cuda"))
+    measured = prof.steps[-1]
+    # bitsandbytes may share its small code tables between CUDA weights: equal to a kilobyte per weight.
+    assert est["weights"] == pytest.approx(measured.weights, rel=1e-3)
+    assert est.total == pytest.approx(measured.peak, rel=0.20)

@@ -67,3 +67,22 @@ def test_translate_without_profiler_still_explains():
     assert isinstance(err, TrainingOutOfMemoryError)
     assert "Out of" in str(err) and CUDA_MESSAGE in str(err)
     assert err.step is None and err.fit is None
+
+
+@pytest.mark.gpu
+def test_real_cuda_oom_in_backward_is_translated(train_model_name):
+    from slothbook import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(train_model_name, max_seq_length=256)
+    model = FastLanguageModel.get_peft_model(model, r=16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    too_much = 2 * torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(TrainingOutOfMemoryError) as info:
+        with MemoryProfiler(model, opt):
+            ids = torch.randint(0, model.config.vocab_size, (1, 128), device="cuda")
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.register_hook(lambda g: torch.empty(too_much, dtype=torch.uint8, device="cuda"))
+            loss.backward()
+    message = str(info.value)
+    assert "Out of GPU memory at step 1, during backward" in message
+    assert info.value.fit is not None and info.value.fit.seq_len >= 128

@@ -153,3 +153,31 @@ def test_save_html_and_png(model16, tmp_path, monkeypatch, adamw, run_steps):
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-such-chrome"))
     with pytest.raises(ExportError, match="Chrome or Chromium"):
         prof.save_png(tmp_path / "other.png")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora16", "qlora"])
+def test_cuda_categories_from_the_allocator(train_model_name, load_in_4bit):
+    from slothbook import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(train_model_name, load_in_4bit=load_in_4bit, max_seq_length=1024)
+    model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing="slothbook")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    with MemoryProfiler(model, opt) as prof:
+        ids = torch.randint(0, model.config.vocab_size, (2, 512), device="cuda")
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            prof.step()
+    torch.cuda.synchronize()
+    assert prof.meter.kind == "cuda"
+    by_phase = {s.phase: s for s in prof.samples if s.step == 3}
+    assert by_phase["optimizer"].weights == expected_weights(model)
+    assert by_phase["backward"].gradients == sum(p.numel() * p.element_size() for p in model.parameters()
+                                                 if p.requires_grad)
+    assert by_phase["forward"].activations > by_phase["optimizer"].activations
+    for s in prof.samples:
+        assert sum(getattr(s, c) for c in DEVICE_CATEGORIES) == s.held  # reserved by the caching allocator
+        assert s.allocated <= s.peak <= s.held
+    assert prof.steps[-1].peak == pytest.approx(torch.cuda.max_memory_allocated(), rel=0.01)
