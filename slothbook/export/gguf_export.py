@@ -259,6 +259,13 @@ def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_CPP_TYPES[method]}")
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    # llama-cpp-python routes llama.cpp's log through this logger; its per-tensor report is noise here.
+    llama_log = logging.getLogger("llama-cpp-python")
+    level = llama_log.level
+    llama_log.setLevel(max(level, logging.WARNING))
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        llama_log.setLevel(level)
     if rc != 0:
         raise ExportError(f"llama.cpp could not quantize {src.name} to {method} (code {rc}); see its log above.")

@@ -13,7 +13,7 @@ from ..errors import ConfigError, ExportError
 from ..models.quantization import SKIP_MODULES
 from .atomic import atomic_dir, check_destination, check_free_space
 from .safetensors_io import ShardedWriter
-from .tensors import MergedTensor, base_model_of, compute_dtype, merged_tensors
+from .tensors import MergedTensor, base_model_of, compute_dtype, is_tied, merged_tensors
 
 log = logging.getLogger("slothbook")
 
@@ -99,7 +99,7 @@ def _save_merged(model, path, tokenizer, tensors: list[MergedTensor], out_dtype,
             for name, value in _export_tensors(t, out_dtype, quantize):
                 writer.add(name, value)
         writer.close()
-        save_config(model, tmp, out_dtype, quant_config)
+        save_config(model, tmp, out_dtype, quant_config, tied=is_tied(model, tensors))
         _save_tokenizer(tokenizer, tmp)
     return path
 
@@ -136,8 +136,12 @@ def _nf4_config(out_dtype) -> dict:
     ).to_dict()
 
 
-def save_config(model, folder: Path, dtype: torch.dtype, quantization_config: dict | None = None) -> None:
-    """config.json (without the loading-time quantization, or with the export's own) and generation_config.json."""
+def save_config(model, folder: Path, dtype: torch.dtype, quantization_config: dict | None = None,
+                tied: bool | None = None) -> None:
+    """config.json (without the loading-time quantization, or with the export's own) and generation_config.json.
+
+    tied=False unties the output head (a trained lm_head copy, or LoRA on one side of a tied pair).
+    """
     base = base_model_of(model)
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):
@@ -146,6 +150,8 @@ def save_config(model, folder: Path, dtype: torch.dtype, quantization_config: di
     if quantization_config is not None:
         config.quantization_config = quantization_config
     config.dtype = dtype
+    if tied is not None and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = tied
     config.use_cache = True  # training turns the KV cache off; the exported model is for generation
     config.architectures = [type(base).__name__]
     config.save_pretrained(folder)

@@ -49,19 +49,25 @@ def compute_dtype(model) -> torch.dtype:
 
 
 def merged_tensors(model) -> list[MergedTensor]:
-    """Every persistent tensor of the merged model, in module order, each tied weight listed once."""
+    """Every persistent tensor of the merged model, in module order.
+
+    A tied weight (lm_head sharing the embedding) is listed once, unless one of its uses carries its own LoRA
+    update or trained copy: then both are listed and the export is untied (see `is_tied`).
+    """
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     base = base_model_of(model)
     out: list[MergedTensor] = []
-    seen: set[int] = set()
+    plain_seen: set[int] = set()  # tensors already listed unchanged
     done_prefixes: list[str] = []
 
-    def add(name: str, tensor: torch.Tensor, load: Callable[[], torch.Tensor], shape=None, linear=False):
-        if id(tensor) in seen:  # a tied weight (lm_head sharing the embedding) is written once
+    def add(name: str, tensor: torch.Tensor, load: Callable[[], torch.Tensor], shape=None, linear=False,
+            changed=False):
+        if not changed and id(tensor) in plain_seen:
             return
-        seen.add(id(tensor))
+        if not changed:
+            plain_seen.add(id(tensor))
         out.append(MergedTensor(name, tuple(shape if shape is not None else tensor.shape), load, linear))
 
     for mod_name, module in base.named_modules():
@@ -74,7 +80,7 @@ def merged_tensors(model) -> list[MergedTensor]:
         elif isinstance(module, ModulesToSaveWrapper):
             trained = module.modules_to_save[module.active_adapters[0]]
             for pname, p in trained.named_parameters():
-                add(prefix + pname, p, _plain(p))
+                add(prefix + pname, p, _plain(p), changed=True)
             done_prefixes.append(prefix)
         else:
             for pname, p in module.named_parameters(recurse=False):
@@ -86,6 +92,12 @@ def merged_tensors(model) -> list[MergedTensor]:
                 if bname not in module._non_persistent_buffers_set:
                     add(prefix + bname, b, _plain(b))
     return out
+
+
+def is_tied(model, tensors: list[MergedTensor]) -> bool:
+    """Whether the export keeps the output head tied to the embedding (it is untied when listed separately)."""
+    tied = getattr(base_model_of(model).config, "tie_word_embeddings", False)
+    return bool(tied) and not any(t.name == "lm_head.weight" for t in tensors)
 
 
 def _plain(t: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -101,9 +113,9 @@ def _add_lora_layer(add, prefix: str, module) -> None:
                               "merge yet. Export it with save_method='lora', or train a plain LoRA adapter.")
     if isinstance(layer, nn.Linear):
         add(prefix + "weight", layer.weight, lambda: _merged_linear(module, adapters),
-            (layer.out_features, layer.in_features), linear=True)
+            (layer.out_features, layer.in_features), linear=True, changed=bool(adapters))
     elif isinstance(layer, nn.Embedding):
-        add(prefix + "weight", layer.weight, lambda: _merged_embedding(module, adapters))
+        add(prefix + "weight", layer.weight, lambda: _merged_embedding(module, adapters), changed=bool(adapters))
     else:
         raise ExportError(f"Cannot merge a LoRA adapter on {type(layer).__name__} ({prefix.rstrip('.')}); "
                           "export with save_method='lora' instead.")

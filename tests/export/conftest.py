@@ -15,7 +15,7 @@ TRAIN_TEXTS = [
 LORA_RANK = 8
 
 
-def exact_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+def _exact_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits computed with the model's exact arithmetic.
 
     Train mode with every dropout at 0 changes nothing in a Llama forward, but it keeps bitsandbytes off its
@@ -29,6 +29,12 @@ def exact_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
             return model(input_ids=input_ids).logits.float()
     finally:
         model.train(was_training)
+
+
+@pytest.fixture(scope="session")
+def exact_logits():
+    """`exact_logits(model, input_ids)`: see _exact_logits."""
+    return _exact_logits
 
 
 def _lora_model(load_in_4bit: bool):
@@ -47,7 +53,7 @@ def finetuned():
     batch = tokenizer(TRAIN_TEXTS, return_tensors="pt", padding=True)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     probe = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
-    before = exact_logits(model, probe)
+    before = _exact_logits(model, probe)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
     losses = []
@@ -61,7 +67,7 @@ def finetuned():
     from peft import get_peft_model_state_dict
 
     adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
-    shift = (exact_logits(model, probe) - before).abs().max().item()
+    shift = (_exact_logits(model, probe) - before).abs().max().item()
     return SimpleNamespace(model=model, tokenizer=tokenizer, adapter=adapter, losses=losses, logit_shift=shift)
 
 

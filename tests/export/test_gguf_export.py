@@ -1,0 +1,131 @@
+"""GGUF export of the fine-tuned embedded model, read back and run by llama.cpp (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time, there was a",
+    "def fibonacci(n):\n",
+    "<|im_start|>user\nWhat is the tallest mountain?<|im_end|>\n<|im_start|>assistant\n",
+    "Les chats sont des animaux",
+]
+MULTILINGUAL = ("<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nHello, wörld! Ça va? 日本語のテキスト、"
+                "Привет мир, 123456 + 7.5e-3 = ? 🙂 tabs\tand  double  spaces\n\n<|im_end|><|endoftext|>")
+
+
+def open_gguf(path):
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+
+
+@pytest.fixture(scope="module")
+def llm_f16(gguf_files):
+    llm = open_gguf(gguf_files["f16"])
+    yield llm
+    llm.close()
+
+
+def gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+def top1_agreement(llm, tokenizer, hf_model) -> float:
+    agree = total = 0
+    for text in PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            ref = hf_model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        got = gguf_logits(llm, ids)
+        assert np.isfinite(got).all()
+        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        total += len(ids)
+    return agree / total
+
+
+def gguf_greedy(llm, ids: list[int], n: int) -> list[int]:
+    llm.reset()
+    out = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        out.append(token)
+        if token == llm.token_eos() or len(out) == n:
+            return out
+    return out
+
+
+def test_f16_agrees_with_the_merged_model(llm_f16, finetuned, merged16_model):
+    assert top1_agreement(llm_f16, finetuned.tokenizer, merged16_model) >= 0.99
+
+
+def test_f16_greedy_generation_is_identical(llm_f16, finetuned, merged16_model):
+    for text in PROMPTS:
+        ids = finetuned.tokenizer(text)["input_ids"]
+        with torch.no_grad():
+            hf = merged16_model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                         max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        assert gguf_greedy(llm_f16, ids, 32) == hf, text
+
+
+def test_q8_0_agrees_with_the_merged_model(gguf_files, finetuned, merged16_model):
+    llm = open_gguf(gguf_files["q8_0"])
+    try:
+        assert top1_agreement(llm, finetuned.tokenizer, merged16_model) >= 0.95
+    finally:
+        llm.close()
+
+
+def test_q4_k_m_loads_and_generates(gguf_files, finetuned):
+    assert gguf_files["q4_k_m"].stat().st_size < 0.7 * gguf_files["q8_0"].stat().st_size
+    llm = open_gguf(gguf_files["q4_k_m"])
+    try:
+        ids = finetuned.tokenizer(PROMPTS[0])["input_ids"]
+        assert np.isfinite(gguf_logits(llm, ids)).all()
+        out = gguf_greedy(llm, ids, 8)
+        assert len(out) >= 1 and llm.detokenize(out).decode("utf-8", "replace").strip()
+    finally:
+        llm.close()
+
+
+def test_gguf_tokenizer_gives_the_hf_token_ids(llm_f16, finetuned):
+    tok = finetuned.tokenizer
+    want = tok(MULTILINGUAL, add_special_tokens=False)["input_ids"]
+    assert llm_f16.tokenize(MULTILINGUAL.encode(), add_bos=False, special=True) == want
+    for text in PROMPTS:
+        assert llm_f16.tokenize(text.encode(), add_bos=False, special=True) == tok(text)["input_ids"]
+
+
+def test_gguf_metadata(gguf_files, finetuned):
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_files["f16"])
+    fields = {name: field.contents() for name, field in reader.fields.items()
+              if name not in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")}
+    tok = finetuned.tokenizer
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == 30 and fields["llama.attention.head_count_kv"] == 3
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert fields["tokenizer.ggml.bos_token_id"] == tok.bos_token_id
+    assert fields["tokenizer.ggml.padding_token_id"] == tok.pad_token_id
+    assert fields["tokenizer.ggml.add_bos_token"] is False  # SmolLM2's tokenizer adds no bos
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+    assert {t.tensor_type.name for t in gguf.GGUFReader(gguf_files["q8_0"]).tensors} == {"Q8_0", "F32"}
+
+
+def test_modelfile_beside_each_gguf(gguf_files):
+    for method, path in gguf_files.items():
+        text = (path.parent / f"Modelfile.{method}").read_text()
+        assert text.startswith(f"FROM ./{path.name}\n")
+        assert "<|im_start|>{{ .Role }}" in text and 'PARAMETER stop "<|im_end|>"' in text
+        assert 'SYSTEM """You are a helpful AI assistant named SmolLM' in text
+    assert not list(path.parent.glob(".*"))  # no temporary or intermediate file left behind
