@@ -1,0 +1,195 @@
+"""Estimator accuracy and profiler overhead: measured peak memory against `slothbook.profiler.estimate`.
+
+The model has the shape of Llama-3.1-8B with random bf16 weights built on the GPU (nothing is downloaded; the
+builders are benchmarks/long_context.py's). LoRA r=16 on every projection of the decoder through
+`FastLanguageModel.get_peft_model`, AdamW on the adapters, batch 1, slothbook's kernels patched in (CUDA).
+For each config ("qlora": NF4 decoder linears, "lora16": bf16), checkpointing mode ("plain", "offload") and
+sequence length (2K, 8K, 32K by default):
+
+  unprofiled  warm-up, then --steps timed steps without the profiler; the allocator's peak of the last one
+  profiled    the same steps inside `MemoryProfiler` (CPU: cpu_mode="exact", so the peak includes transients)
+  estimate    `estimate(config, seq, 1, **training_setup(model, optimizer))`, from the config alone
+
+Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
+  estimator_accuracy  peak_gib, weights_gib, activations_gib, offloaded_gib (measured / estimate),
+                      ratio_to_measured (estimate's peak over the measured one)
+  profiler_overhead   step_time_ms (unprofiled / profiled) and overhead_fraction (profiled / unprofiled - 1)
+
+  python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece, < 10 min
+  python benchmarks/estimator_accuracy.py --tiny           # CPU smoke test: tiny model, short sequences
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _load(name: str):
+    # Loaded from their files: with benchmarks/ on sys.path, `import kernels` would find benchmarks/kernels.py.
+    spec = importlib.util.spec_from_file_location(f"slothbook_benchmarks_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+common = _load("common")
+builders = _load("long_context")  # random_llama: Llama-3.1-8B's shape (or a tiny one), random weights, NF4 option
+
+CONFIGS = ("qlora", "lora16")
+MODES = ("plain", "offload")
+SEQS = (2048, 8192, 32768)
+RESULTS = common.RESULTS_DIR / "estimator_accuracy.json"
+GIB = common.GIB
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(json.loads(args.worker))
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "slothbook_estimator_smoke.json" if args.tiny
+                            else RESULTS))
+    deadline = time.monotonic() + args.budget_s
+    rows, notes, device = [], [], None
+    for config in args.configs:
+        left = deadline - time.monotonic()
+        if left < 30:
+            notes.append(f"{config}: not run, time budget spent")
+            continue
+        spec = dict(config=config, tiny=args.tiny, seqs=args.seqs, modes=args.modes, steps=args.steps,
+                    budget_s=left - 20)
+        result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
+                                             json.dumps(spec)], timeout=left)
+        rows += result.get("rows", [])
+        notes += result.get("notes", [])
+        device = device or result.get("device")
+        if failure:
+            notes.append(f"{config}: {failure}")
+    common.write_results(out, rows, device=device, notes=list(dict.fromkeys(notes)), append=args.append)
+    print(f"wrote {len(rows)} rows and {len(notes)} notes to {out}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
+    p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step, per contender")
+    p.add_argument("--budget-s", type=float, default=540, help="wall-clock budget (one 10-minute device command)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--append", action="store_true", help="merge into an existing results file")
+    p.add_argument("--tiny", action="store_true", help="tiny model and sequences on the CPU (smoke test)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.seqs, args.steps = [s for s in args.seqs if s <= 256] or [64, 128, 256], 2
+    return args
+
+
+# ---------------------------------------------------------------- the worker: one config, every mode and length
+
+def worker(spec: dict) -> None:
+    import torch
+
+    from slothbook import FastLanguageModel
+    from slothbook.train.checkpointing import set_gradient_checkpointing
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.monotonic()
+    rows, notes = [], []
+    result = {"rows": rows, "notes": notes, "device": common.device_details(device)}
+    accuracy = common.Recorder("estimator_accuracy", rows, on_change=lambda: common.emit(result))
+    overhead = common.Recorder("profiler_overhead", rows, on_change=lambda: common.emit(result))
+    config = spec["config"]
+    try:
+        base = builders.random_llama({"tiny": spec["tiny"]}, device, four_bit=config == "qlora")
+        model = FastLanguageModel.get_peft_model(base, r=16, use_gradient_checkpointing=True)
+        if device.type == "cuda":
+            from slothbook.models.patch import patch_model
+
+            patch_model(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    except Exception as exc:
+        accuracy.error("measured", f"{config} setup", exc)
+        return common.emit(result)
+
+    if device.type == "cpu":
+        notes.append("CPU: profiled with cpu_mode='exact' (every allocation tracked, about 20% slower steps), so "
+                     "profiler_overhead is that mode's; the default mode costs one call per saved tensor.")
+    for mode in spec["modes"]:
+        set_gradient_checkpointing(model, "slothbook" if mode == "offload" else True)
+        for seq in spec["seqs"]:
+            name = f"{config} {mode} {seq}x1"
+            if time.monotonic() - started > spec["budget_s"]:
+                notes.append(f"{name}: not run, time budget spent")
+                continue
+            with accuracy.guard("measured", name, device):
+                measure(model, optimizer, seq, spec["steps"], device, name, accuracy, overhead)
+            optimizer.zero_grad(set_to_none=True)
+            common.free_memory(device)
+    common.emit(result)
+
+
+def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> None:
+    import torch
+
+    from slothbook.profiler import MemoryProfiler, estimate
+    from slothbook.profiler.setup import training_setup
+
+    ids = torch.randint(0, model.config.vocab_size, (1, seq), device=device)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def timed(after_step=None):
+        times = []
+        for _ in range(steps):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            step()
+            if after_step is not None:
+                after_step()
+            common.sync(device)
+            times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+
+    step()  # warm-up: optimizer state, offload pool, kernel compilation
+    common.sync(device)
+    plain_ms = timed()
+    allocator_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # CPU: "exact" tracks every allocation (the default "saved" mode cannot see backward's working set).
+    with MemoryProfiler(model, optimizer, cpu_mode="exact" if device.type == "cpu" else "saved") as prof:
+        profiled_ms = timed(prof.step)
+    measured = prof.steps[-1]
+    est = estimate(model.config, seq, 1, **training_setup(model, optimizer, device.type))
+
+    accuracy.add("measured", name, "peak_gib", measured.peak / GIB, "GiB")
+    accuracy.add("estimate", name, "peak_gib", est.total / GIB, "GiB")
+    accuracy.add("estimate", name, "ratio_to_measured", round(est.total / measured.peak, 4), "ratio")
+    if allocator_peak is not None:
+        accuracy.add("allocator", name, "peak_gib", allocator_peak / GIB, "GiB")
+    for category in ("weights", "activations"):
+        accuracy.add("measured", name, f"{category}_gib", getattr(measured, category) / GIB, "GiB")
+        accuracy.add("estimate", name, f"{category}_gib", est[category] / GIB, "GiB")
+    accuracy.add("measured", name, "offloaded_gib", measured.offloaded / GIB, "GiB")
+    accuracy.add("estimate", name, "offloaded_gib", est.detail["offloaded"] / GIB, "GiB")
+    accuracy.add("estimate", name, "implementation", est.settings["implementation"], "name")
+    overhead.add("unprofiled", name, "step_time_ms", round(plain_ms, 2), "ms")
+    overhead.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
+    overhead.add("profiler", name, "overhead_fraction", round(profiled_ms / plain_ms - 1, 4), "fraction")
+
+
+if __name__ == "__main__":
+    main()

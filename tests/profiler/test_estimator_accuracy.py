@@ -1,0 +1,30 @@
+"""Smoke test of benchmarks/estimator_accuracy.py --tiny: the script runs on the CPU and writes the agreed schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "estimator_accuracy.py"
+
+
+def test_tiny_run_writes_rows_in_the_results_schema(tmp_path):
+    out = tmp_path / "estimator_accuracy.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--configs", "lora16", "--modes", "plain",
+                           "--seqs", "64", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert {"device", "versions", "date", "command", "rows"} <= set(doc)
+    assert "torch" in doc["versions"]
+    rows = {(r["benchmark"], r["contender"], r["metric"]): r for r in doc["rows"]}
+    for r in doc["rows"]:
+        assert set(r) == {"benchmark", "contender", "config", "metric", "value", "unit"}
+        assert r["metric"] != "error", r
+        assert r["config"] == "lora16 plain 64x1"
+    ratio = rows["estimator_accuracy", "estimate", "ratio_to_measured"]["value"]
+    assert 0.85 < ratio < 1.15
+    assert (rows["estimator_accuracy", "estimate", "weights_gib"]["value"]
+            == rows["estimator_accuracy", "measured", "weights_gib"]["value"])
+    assert rows["profiler_overhead", "profiler", "overhead_fraction"]["unit"] == "fraction"
