@@ -111,3 +111,12 @@ def test_sft_trainer_learns_replies_only(packing, model, tokenizer, tmp_path, le
     assert runs and all(r.endswith("<|im_end|>") and r[: -len("<|im_end|>")] in outputs for r in runs)
     result = trainer.train()
     assert 0 < result.training_loss < 10
+
+
+def test_tokenizer_without_offsets_masks_piecewise(tokenizer, conversation, learned_runs):
+    """Tokenizers without offset mappings (slow ones) are encoded piece by piece at the reply edges."""
+    fast = train_on_responses_only(datasets.Dataset.from_list([{"messages": conversation}]), tokenizer)[0]
+    tokenizer.__class__ = type("SlowTokenizer", (type(tokenizer),), {"is_fast": False})
+    slow = train_on_responses_only(datasets.Dataset.from_list([{"messages": conversation}]), tokenizer)[0]
+    # ChatML replies start and end at special tokens, so the pieces tokenize exactly as the whole text does.
+    assert slow == fast
