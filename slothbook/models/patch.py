@@ -313,7 +313,7 @@ def _causal_lm_forward(model: nn.Module):
     def forward(self, *args, labels=None, **kwargs):
         head = self.get_output_embeddings()
         if labels is None or not self.training or len(args) > 1 or not _plain_head(head):
-            return original(*args, labels=labels, **kwargs)
+            return original(*args, **kwargs) if labels is None else original(*args, labels=labels, **kwargs)
         num_items = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         ignore_index = kwargs.pop("ignore_index", -100)
