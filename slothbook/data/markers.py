@@ -52,7 +52,7 @@ def markers_from_renderer(render: Callable[[list[dict]], str]) -> TurnMarkers:
         starts.append(found)
         pos = found + len(sentinel)
     ends = [s + len(sentinel) for s, sentinel in zip(starts, sentinels)]
-    u1, r1, u2, r2 = range(len(sentinels) - 4, len(sentinels))
+    r1, u2, r2 = range(len(sentinels) - 3, len(sentinels))
     response = text[ends[u2]:starts[r2]]
     if not response.strip():
         raise ConfigError(f"The chat template puts nothing between a user turn and a reply ({text!r}); "

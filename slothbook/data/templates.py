@@ -173,7 +173,7 @@ TEMPLATES: dict[str, TemplateSpec] = {
 _ALIASES = {
     "llama3": "llama-3", "llama31": "llama-3", "llama32": "llama-3", "llama2": "llama-2",
     "qwen25": "qwen-2.5", "qwen2": "qwen-2.5", "qwen": "qwen-2.5", "phi3": "phi-3", "phi35": "phi-3",
-    "gemma2": "gemma", "gemma3": "gemma", "mistral7b": "mistral", "vicuna11": "vicuna", "im": "chatml",
+    "gemma2": "gemma", "gemma3": "gemma", "mistral7b": "mistral", "vicuna11": "vicuna",
 }
 
 

@@ -26,8 +26,8 @@ EXPECTED = {
     "gemma": "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
     "Hello!\n\nHow can I help?<end_of_turn>\n<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
     "<start_of_turn>model\n4<end_of_turn>\n",
-    "phi-3": "<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello!\n\nHow can I help?<|end|>\n"
-    "<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n",
+    "phi-3": "<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n"
+    "<|assistant|>\nHello!\n\nHow can I help?<|end|>\n<|user|>\nWhat is 2+2?<|end|>\n<|assistant|>\n4<|end|>\n",
     "zephyr": "<|system|>\nBe brief.</s>\n<|user|>\nHi there</s>\n<|assistant|>\nHello!\n\nHow can I help?</s>\n"
     "<|user|>\nWhat is 2+2?</s>\n<|assistant|>\n4</s>\n",
     "vicuna": "Be brief. USER: Hi there ASSISTANT: Hello!\n\nHow can I help?</s>USER: What is 2+2? ASSISTANT: 4</s>",
