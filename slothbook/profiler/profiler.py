@@ -82,6 +82,8 @@ class MemoryProfiler:
         self._losses: list[PendingScalar] = []
         self._pending: dict[int, list[PendingScalar]] = {}
         self._opt_cache = (-1, 0)
+        self._step_max = 0
+        self._rows_by_step: dict[int, Sample] = {}
         self._figure = None
         self._drawn_at = 0.0
         if model is not None:
@@ -162,6 +164,7 @@ class MemoryProfiler:
         self._open = True
         self._tokens = 0
         self._losses = []
+        self._step_max = 0
         self.meter.step_begin(self._named_tensors)
         self.meter.reset_peak()
         self._step_t0 = time.perf_counter()
@@ -174,11 +177,11 @@ class MemoryProfiler:
             self.begin_step()
         sample = self._measure(phase)
         # Under gradient accumulation a phase repeats within a step: keep its largest sample.
-        previous = self._find(self._step, phase)
-        if previous is None:
+        index = self._find(phase)
+        if index is None:
             self.samples.append(sample)
-        elif sample.allocated >= previous.allocated:
-            self.samples[self.samples.index(previous)] = sample
+        elif sample.allocated >= self.samples[index].allocated:
+            self.samples[index] = sample
         self.phase = {"forward": "backward", "backward": "optimizer step", "optimizer": "between steps"}[phase]
         return sample
 
@@ -188,7 +191,7 @@ class MemoryProfiler:
         if not self._open:
             return None
         seconds = time.perf_counter() - self._step_t0
-        phases = [s for s in self.samples if s.step == self._step and s.phase != PEAK]
+        phases = self._step_samples()
         if not phases:
             phases = [self._measure("optimizer")]
             self.samples.append(phases[0])
@@ -196,8 +199,10 @@ class MemoryProfiler:
         self.meter.step_end()
         if loss is not None:
             self._losses = [PendingScalar(torch.as_tensor(loss))]
-        self._pending[self._step] = self._losses
+        if self._losses:
+            self._pending[self._step] = self._losses
         self.samples.append(row)
+        self._rows_by_step[row.step] = row
         self._open = False
         self.phase = "between steps"
         self.resolve_losses()
@@ -253,6 +258,7 @@ class MemoryProfiler:
     def _count_static(self) -> None:
         model = self.model
         self._trainable = trainable_parameters(model)
+        self._grad_sizes = [(p, p.numel() * p.element_size()) for p in self._trainable]
         seen = StorageSet(self.device)
         self.weights_bytes = seen.add_all(base_tensors(model))
         self.lora_bytes = seen.add_all(self._trainable)
@@ -267,7 +273,8 @@ class MemoryProfiler:
             yield from optimizer_tensors(self.optimizer)
 
     def gradient_bytes(self) -> int:
-        return StorageSet(self.device).add_all(p.grad for p in self._trainable)
+        # A gradient has its parameter's shape and dtype: sizes are known once, only presence changes.
+        return sum(size for p, size in self._grad_sizes if p.grad is not None)
 
     def optimizer_bytes(self) -> int:
         if self.optimizer is None:
@@ -283,9 +290,9 @@ class MemoryProfiler:
         activations = self.meter.activations(named)
         allocated = named + activations
         held = max(self.meter.held(), allocated)
-        peak = self.meter.peak()
-        step_samples = [s.allocated for s in self.samples if s.step == self._step and s.phase != PEAK]
-        peak = max([allocated, *step_samples] + ([peak] if peak is not None else []))
+        self._step_max = max(self._step_max, allocated)
+        measured = self.meter.peak()
+        peak = self._step_max if measured is None else max(self._step_max, measured)
         return Sample(self._step, phase, time.perf_counter() - self._t0, self.weights_bytes, self.lora_bytes,
                       grads, opt, activations, self._offloaded(), held - allocated, allocated, held, peak,
                       self.meter.capacity)
@@ -311,29 +318,37 @@ class MemoryProfiler:
         """A sample of this moment, outside the step's record (used to explain an out-of-memory error)."""
         return self._measure(self.phase)
 
-    def _find(self, step: int, phase: str) -> Sample | None:
-        for s in reversed(self.samples):
-            if s.step == step and s.phase == phase:
-                return s
-            if s.step < step:
+    def _find(self, phase: str) -> int | None:
+        """Index of the open step's sample of `phase` (samples of a step are at the end of the list)."""
+        for i in range(len(self.samples) - 1, -1, -1):
+            s = self.samples[i]
+            if s.step != self._step:
                 return None
+            if s.phase == phase:
+                return i
         return None
+
+    def _step_samples(self) -> list[Sample]:
+        out = []
+        for s in reversed(self.samples):
+            if s.step != self._step:
+                break
+            out.append(s)
+        return out[::-1]
 
     def note_loss(self, loss: float) -> None:
         """Give the last finished step a loss the model did not return (Trainer's logged loss)."""
-        rows = self._rows()
-        if rows and rows[-1].loss is None and not self._pending.get(rows[-1].step):
-            rows[-1].loss = float(loss)
+        row = self._rows_by_step.get(max(self._rows_by_step, default=0))
+        if row is not None and row.loss is None and row.step not in self._pending:
+            row.loss = float(loss)
 
     def resolve_losses(self, wait: bool = False) -> None:
         """Fill in the losses whose values have reached the host (all of them with wait=True)."""
-        for row in self._rows():
-            pending = self._pending.get(row.step)
-            if row.loss is None and pending:
-                values = [p.value(wait) for p in pending]
-                if all(v is not None for v in values):
-                    row.loss = sum(values) / len(values)
-                    del self._pending[row.step]
+        for step, pending in list(self._pending.items()):
+            values = [p.value(wait) for p in pending]
+            if all(v is not None for v in values):
+                self._rows_by_step[step].loss = sum(values) / len(values)
+                del self._pending[step]
 
     # ---- results ------------------------------------------------------------------------------------------
 
@@ -345,7 +360,7 @@ class MemoryProfiler:
         return self._rows()
 
     def _rows(self) -> list[Sample]:
-        return [s for s in self.samples if s.phase == PEAK]
+        return list(self._rows_by_step.values())
 
     def to_pandas(self):
         """Every sample as a DataFrame (phase = forward/backward/optimizer, or `peak` for the step's row)."""
