@@ -2,8 +2,9 @@
 
 Phases are found with hooks, so a hand-written loop needs only `prof.step()` at the end of each step:
 - after forward: a forward hook on the model (it returns loss and logits; the loss is computed inside);
-- after backward: a hook on the returned loss runs when backward reaches it and queues a callback on the autograd
-  engine, which runs once the whole backward pass is done (per micro-batch under gradient accumulation);
+- after backward: hooks on the forward's outputs (loss, logits, TRL's log-probs) run when backward reaches the
+  one the loss was made from and queue a callback on the autograd engine, which runs once the whole backward
+  pass is done (per micro-batch under gradient accumulation);
 - after the optimizer step: a step post-hook on the optimizer (also fires under accelerate's wrapper).
 Each sample reads host-side counters only: no device synchronisation. Byte counts of weights and LoRA are
 computed once; the optimizer's are recomputed only when its state gains entries.
@@ -60,7 +61,7 @@ class MemoryProfiler:
     """
 
     def __init__(self, model: nn.Module | None = None, optimizer=None, *, device=None, cpu_mode: str = "saved",
-                 live: bool | None = False, refresh_s: float = 1.0):
+                 live: bool | None = None, refresh_s: float = 1.0):
         self.device = torch.device(device) if device is not None else None
         self.cpu_mode = cpu_mode
         self.live = live
@@ -298,12 +299,19 @@ class MemoryProfiler:
                       self.meter.capacity)
 
     def _peak_row(self, phases: list[Sample], seconds: float, tokens: int) -> Sample:
-        """Split the step's peak: named tensors at their largest, activations the remainder."""
-        measured = self.meter.peak()
-        peak = max([s.allocated for s in phases] + ([measured] if measured is not None else []))
+        """Split the step's peak: named tensors at their largest (gradients in full), activations the rest.
+
+        Where the meter knows no peak (the CPU's saved-tensor mode), the peak is taken as the largest activations
+        seen beside the largest named tensors: an upper bound of what was sampled.
+        """
         grads = max(s.gradients for s in phases)
         opt = max(s.optimizer for s in phases)
         named = self.weights_bytes + self.lora_bytes + grads + opt
+        measured = self.meter.peak()
+        if measured is None:
+            peak = named + max(s.activations for s in phases)
+        else:
+            peak = max([s.allocated for s in phases] + [measured])
         held = max([s.held for s in phases] + [peak])
         return Sample(self._step, PEAK, time.perf_counter() - self._t0, self.weights_bytes, self.lora_bytes, grads,
                       opt, max(0, peak - named), max(s.offloaded for s in phases), held - max(peak, named),
