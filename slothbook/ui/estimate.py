@@ -84,15 +84,20 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
                    f"{target.label}.{advice}{more}")
 
 
-def show_estimate(est: Estimate, target: Target, model: str) -> bool:
-    """Display the table, the chart and the verdict; return whether it fits."""
+def display_estimate(est: Estimate, fits: bool, sentence: str) -> None:
+    """Display the table, the chart and the verdict."""
     from IPython.display import display
 
     from .feedback import Message
     from .static import show_static
 
-    fits, sentence = verdict(est, target, model)
     display(estimate_table(est))
     show_static(est.figure(), width=900, height=400)
     display(Message(sentence, "ok" if fits else "warning"))
+
+
+def show_estimate(est: Estimate, target: Target, model: str) -> bool:
+    """Display the estimate and whether it fits on `target`; return whether it fits."""
+    fits, sentence = verdict(est, target, model)
+    display_estimate(est, fits, sentence)
     return fits

@@ -14,7 +14,7 @@ import ipywidgets as w
 from IPython.display import clear_output
 
 from ..data import TEMPLATES, demo_dataset_path, detect_shape, load_dataset_file
-from ..errors import ConfigError, DatasetError, SlothbookError
+from ..errors import ConfigError, DatasetError
 from ..models.embedded import EMBEDDED_ALIAS
 from ..train.job import FinetuneConfig
 from .devices import device_choices
@@ -25,6 +25,21 @@ from .sources import describe_model, preview_html, save_upload
 
 TABS = ("Memory estimate", "Training", "Export", "Log")
 LOG_LINES = 400
+
+
+def _reports_errors(method):
+    """Show an exception in the panel's status line, then raise it to the caller (a cell shows it too)."""
+    import functools
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.status.value = error_html(exc)
+            raise
+
+    return wrapper
 
 
 def _label(text: str, width: str = "110px") -> w.HTML:
@@ -237,9 +252,9 @@ class Studio:
             shape = "unrecognised"
         self._dataset_source = source
         columns = list(dataset.column_names)
+        wanted = self.text_field.value  # new options reset the value to the first one
         self.text_field.options = columns
-        if self.text_field.value not in columns:
-            self.text_field.value = "text" if "text" in columns else columns[0]
+        self.text_field.value = wanted if wanted in columns else "text" if "text" in columns else columns[0]
         self.data_preview.value = preview_html(dataset, shape)
 
     # ---- actions ------------------------------------------------------------------------------------------
@@ -263,27 +278,26 @@ class Studio:
     def _run_folder(self) -> str | None:
         return str(Path(self.output) / time.strftime("run-%Y%m%d-%H%M%S")) if self.output else None
 
+    @_reports_errors
     def estimate(self) -> None:
         """Predict the peak memory of a step with these settings on the chosen device, before anything loads;
         shows the table, the chart and whether it fits. `last_estimate` holds the Estimate."""
-        from .estimate import plan, resolve_target, show_estimate
+        from .estimate import display_estimate, plan, resolve_target, verdict
 
         self.tabs.selected_index = 0
         cfg = self.config()
+        # Compute outside the Output widget: an exception inside its `with` block is swallowed into the widget.
+        target = resolve_target(device=self.device_box.value)
+        est = plan(cfg.model, cfg.max_seq_length, cfg.batch_size, cfg.r, cfg.load_in_4bit, self.offload.value, target)
+        fits, sentence = verdict(est, target, cfg.model)
         with self.estimate_out:
             clear_output(wait=True)
-            try:
-                target = resolve_target(device=self.device_box.value)
-                est = plan(cfg.model, cfg.max_seq_length, cfg.batch_size, cfg.r, cfg.load_in_4bit,
-                           self.offload.value, target)
-                fits = show_estimate(est, target, cfg.model)
-            except SlothbookError as exc:
-                self.status.value = error_html(exc)
-                raise
+            display_estimate(est, fits, sentence)
         self.last_estimate = est
         self._say("Estimate ready." if fits else "The estimate says this will not fit: see the Memory estimate tab.",
                   "ok" if fits else "warning")
 
+    @_reports_errors
     def train(self, wait: bool = False) -> None:
         """Start training in a background thread. Returns at once unless `wait`; then `result` holds the
         FinetuneResult (model, tokenizer, losses, adapter_dir) and `model` / `tokenizer` the trained pair."""
@@ -334,6 +348,7 @@ class Studio:
         if not self.export_path.value:
             self.export_path.value = str(Path(job.result.adapter_dir).parent / "export")
 
+    @_reports_errors
     def stop(self) -> None:
         """End training after the step in progress; the adapter trained so far is saved."""
         if self._stop is None or not self.busy:
@@ -362,6 +377,7 @@ class Studio:
     def tokenizer(self):
         return self.result.tokenizer if self.result is not None else None
 
+    @_reports_errors
     def export(self, method: str | None = None, quantization: str | None = None, path: str | None = None,
                wait: bool = False) -> None:
         """Export the trained model in a background thread: lora, merged_16bit, merged_4bit or gguf (with a
