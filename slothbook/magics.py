@@ -64,7 +64,7 @@ EXPORT_OPTIONS = (
     Option("overwrite", _bool, False, "replace an existing export (yes/no)"),
 )
 # Keys of a `%%slothbook finetune` cell that name variables to bind rather than configure the run.
-BINDINGS = {"model_var": "model", "tokenizer_var": "tokenizer", "result_var": None}
+BINDINGS = {"model_var": "model", "tokenizer_var": "tokenizer", "result_var": None, "profiler_var": None}
 
 
 def parse_words(line: str) -> tuple[list[str], dict[str, str]]:
@@ -101,7 +101,7 @@ def parse_options(command: str, pairs: dict[str, str], options: tuple[Option, ..
 
 
 def parse_finetune_cell(cell: str) -> tuple[FinetuneConfig, dict]:
-    """The cell's YAML as a FinetuneConfig, and the variable names to bind (model_var, tokenizer_var, result_var)."""
+    """The cell's YAML as a FinetuneConfig, and the names of the variables to bind (BINDINGS' keys)."""
     import yaml
 
     try:
@@ -132,6 +132,7 @@ _FINETUNE_NOTES = {
     "model_var": "variable that receives the trained model",
     "tokenizer_var": "variable that receives its tokenizer",
     "result_var": "variable that receives the FinetuneResult (losses, adapter_dir, trainer)",
+    "profiler_var": "variable that receives the MemoryProfiler (summary(), to_pandas(), figure())",
 }
 
 
@@ -172,7 +173,7 @@ def usage() -> str:
         "",
         "%%slothbook finetune",
         "    Fine-tune with LoRA/QLoRA. The cell body is YAML: FinetuneConfig keys (defaults shown), plus the names",
-        "    of the variables that receive the trained model, its tokenizer and the FinetuneResult:",
+        "    of the variables that receive the trained model, its tokenizer, the FinetuneResult and the profiler:",
         *_finetune_lines(),
         "    Shows the live memory profiler and a progress bar; saves the adapter under <output>/adapter.",
         "",
@@ -270,12 +271,11 @@ class SlothbookMagics(Magics):
         cfg, names = parse_finetune_cell(cell)
         from .ui.run import notebook_finetune
 
-        result = notebook_finetune(cfg)
+        result, profiler = notebook_finetune(cfg)
         self.last_result = result
-        bound = {var: getattr(result, attr) for attr, var in (("model", names["model_var"]),
-                                                              ("tokenizer", names["tokenizer_var"])) if var}
-        if names["result_var"]:
-            bound[names["result_var"]] = result
+        values = {"model_var": result.model, "tokenizer_var": result.tokenizer, "result_var": result,
+                  "profiler_var": profiler}
+        bound = {names[key]: value for key, value in values.items() if names[key]}
         self.shell.user_ns.update(bound)
         if bound:
             print(f"bound: {', '.join(bound)}")

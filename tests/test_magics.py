@@ -45,7 +45,7 @@ def test_bad_options_say_what_is_wrong(pairs, expected):
 def test_finetune_cell_is_yaml_with_binding_names_taken_out():
     cfg, names = parse_finetune_cell("steps: 3\nr: 8\ngradient_checkpointing: slothbook\nmodel_var: m\n")
     assert (cfg.steps, cfg.r, cfg.gradient_checkpointing) == (3, 8, "slothbook")
-    assert names == {"model_var": "m", "tokenizer_var": "tokenizer", "result_var": None}
+    assert names == {"model_var": "m", "tokenizer_var": "tokenizer", "result_var": None, "profiler_var": None}
 
 
 @pytest.mark.parametrize("cell, expected", [
@@ -138,19 +138,21 @@ def trained(kernel):
     outputs = kernel.run(
         "%%slothbook finetune\n"
         "steps: 2\nmax_seq_length: 32\nbatch_size: 1\nload_in_4bit: false\nlogging_steps: 1\n"
-        "output: runs/magic\nmodel_var: m\ntokenizer_var: tok\nresult_var: res\n"
+        "output: runs/magic\nmodel_var: m\ntokenizer_var: tok\nresult_var: res\nprofiler_var: prof\n"
     )
     return outputs
 
 
 def test_finetune_cell_trains_shows_the_figure_and_binds_names(kernel, trained):
     # The live view (a widget) was replaced in place by the finished figure, which saved notebooks can show.
+    # No other widget is left behind: the profiler's figure is not shown twice, the library bars stay hidden.
     first = trained[0]["data"]
-    assert "application/vnd.jupyter.widget-view+json" not in first
     assert "application/vnd.plotly.v1+json" in first or "image/png" in first
+    assert "application/vnd.jupyter.widget-view+json" not in mimes(trained)
     shown = text(trained)
     assert "2 steps: loss" in shown and "slothbook memory profile: 2 steps" in shown
-    assert "bound: m, tok, res" in shown
+    assert "bound: m, tok, res, prof" in shown
+    assert kernel.value("len(prof.steps)") == 2
     assert kernel.value("type(m).__name__") == "PeftModelForCausalLM"
     assert kernel.value("type(tok).__name__").endswith(("Tokenizer", "TokenizerFast", "TokenizersBackend"))
     assert kernel.value("res.trainer.state.global_step") == 2

@@ -57,9 +57,10 @@ def outcome_text(result: FinetuneResult, planned_steps: int) -> str:
     return f"{early}: {loss}{result.seconds:.1f} s; adapter saved to {result.adapter_dir}"
 
 
-def notebook_finetune(cfg: FinetuneConfig, device: str | None = None) -> FinetuneResult:
+def notebook_finetune(cfg: FinetuneConfig, device: str | None = None):
     """Train in this thread, showing the live memory figure and a progress bar. When done the live view is
-    replaced by the finished figure as a static image (so the saved notebook shows it), then the summary."""
+    replaced by the finished figure as a static image (so the saved notebook shows it), then the summary.
+    Returns (FinetuneResult, MemoryProfiler)."""
     from IPython.display import display
 
     from ..profiler import MemoryProfiler
@@ -68,7 +69,7 @@ def notebook_finetune(cfg: FinetuneConfig, device: str | None = None) -> Finetun
     from .training import TrainingView
 
     device = device or current_device()
-    profiler = MemoryProfiler(device=device)
+    profiler = MemoryProfiler(device=device, live=False)  # shown in our own box instead
     view = TrainingView(cfg.steps, profiler)
     handle = display(view.widget, display_id=True)
     view.show_profiler(profiler)
@@ -84,4 +85,4 @@ def notebook_finetune(cfg: FinetuneConfig, device: str | None = None) -> Finetun
     handle.update(StaticFigure(profiler.figure()))
     display(Message(outcome_text(result, cfg.steps), "ok"))
     print(profiler.summary())
-    return result
+    return result, profiler

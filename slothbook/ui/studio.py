@@ -310,7 +310,7 @@ class Studio:
             raise ConfigError("A job is already running: wait for it, or press Stop.")
         cfg = self.config()
         device = self.device_box.value
-        self.profiler = profiler = MemoryProfiler(device=device)
+        self.profiler = profiler = MemoryProfiler(device=device, live=False)  # shown in the view instead
         self._stop = stop = StopCallback()
         self.view = view = TrainingView(cfg.steps, profiler)
         self.training_box.children = [view.widget]
