@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
+MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+TILED_MLP_CHUNK = 4096  # train/tiled_mlp.py's default, which offloaded checkpointing switches on
 LORA_BYTES = 4  # PEFT's adapters are fp32 over a 16-bit base
 IMPLEMENTATIONS = ("kernels", "hf")
 CHECKPOINTING = ("offload", "plain", "off")
@@ -62,40 +64,54 @@ def _norm(s: Shape, a: int, impl: str) -> int:
     return (4 if impl == "hf" else a) * s.hidden + 4
 
 
-def _lora_inputs(s: Shape, a: int, targets: frozenset, impl: str) -> int:
-    """Inputs the LoRA A matrices keep for their gradients."""
-    groups = [(ATTENTION_TARGETS, s.hidden), (("o_proj",), s.q), (("gate_proj", "up_proj"), s.hidden),
-              (("down_proj",), s.intermediate)]
+def _lora_inputs(s: Shape, a: int, targets: frozenset, impl: str, groups) -> int:
+    """Inputs the LoRA A matrices of `groups` ((names, input width) pairs) keep for their gradients."""
     if impl == "hf" and a != LORA_BYTES:
         # PEFT casts the input to the adapter's fp32 in every LoRA layer: one fp32 copy per targeted module.
         return sum(LORA_BYTES * width for names, width in groups for name in names if name in targets)
-    total = 0
-    for names, width in groups:
-        if any(n in targets for n in names) and names != ("o_proj",):
-            total += a * width  # o_proj's input is the attention output, which attention saves anyway
-    return total
+    # One saved input per group, shared by its adapters. o_proj's input is the attention output, which attention
+    # saves anyway.
+    return sum(a * width for names, width in groups if names != ("o_proj",) and any(n in targets for n in names))
 
 
-def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kernels") -> int:
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes per token of one decoder layer, the MLP's part apart (a tiled MLP holds it for one chunk only)."""
+
+    other: int
+    mlp: int
+
+    @property
+    def total(self) -> int:
+        return self.other + self.mlp
+
+
+def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kernels") -> LayerBytes:
     """Bytes per token one decoder layer saves for backward when it is not checkpointed."""
     attention = a * (2 * s.q + 2 * s.kv) + 4 * s.heads  # q, k, v, output, log-sum-exp (flash/efficient SDPA)
+    lora_mid = (LORA_BYTES if impl == "hf" else a) * r  # x A^T per adapter
+    attention_lora = _lora_inputs(s, a, targets, impl, [(ATTENTION_TARGETS, s.hidden), (("o_proj",), s.q)])
+    # The fused MLP recomputes act(gate) * up, down_proj's input, instead of saving it.
+    mlp_groups = [(("gate_proj", "up_proj"), s.hidden)] + ([(("down_proj",), s.intermediate)] if impl == "hf" else [])
+    mlp_lora = _lora_inputs(s, a, targets, impl, mlp_groups)
+    mlp_adapters = len(targets & MLP_TARGETS)
     # hf: gate and up outputs plus the activation's output; the fused MLP keeps gate and up and recomputes the rest.
-    mlp = (3 if impl == "hf" else 2) * a * s.intermediate
-    lora_mid = (LORA_BYTES if impl == "hf" else a) * r * len(targets)  # x A^T per adapter
-    return 2 * _norm(s, a, impl) + attention + mlp + _lora_inputs(s, a, targets, impl) + lora_mid
+    mlp = (3 if impl == "hf" else 2) * a * s.intermediate + mlp_lora + lora_mid * mlp_adapters
+    other = 2 * _norm(s, a, impl) + attention + attention_lora + lora_mid * (len(targets) - mlp_adapters)
+    return LayerBytes(other, mlp)
 
 
-def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> int:
+def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> LayerBytes:
     """Bytes per token that one layer's backward adds on top of its saved tensors (gradients in flight).
 
     kernels: the fused MLP's backward peaks at dh and the recomputed h beside gate and up (2 I), with the
     incoming gradient and dx (2 H); a recomputed layer also makes its output once (H).
-    hf: fitted, see the module docstring.
+    hf: fitted, see below.
     """
     if impl == "kernels":
-        return a * (2 * s.intermediate + (3 if recompute else 2) * s.hidden)
+        return LayerBytes(a * (3 if recompute else 2) * s.hidden, 2 * a * s.intermediate)
     per_i, per_h = HF_TRANSIENT[(recompute, 4 if a == 4 else 2)]
-    return round(a * (per_i * s.intermediate + per_h * s.hidden))
+    return LayerBytes(round(a * per_h * s.hidden), round(a * per_i * s.intermediate))
 
 
 # The "hf" backward working set, a * (c_i * intermediate + c_h * hidden) bytes per token, keyed by
@@ -134,14 +150,20 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     """
     targets = frozenset(targets)
     saved = layer_saved(s, a, r, targets, impl)
+    transient = layer_transient(s, a, impl, recompute=checkpointing != "off")
+    per_saved, per_transient, chunk_bytes = saved.total, transient.total, 0
+    if checkpointing == "offload" and n_tokens > TILED_MLP_CHUNK:
+        # The tiled MLP keeps only its input, gives its output in one buffer and works one chunk at a time.
+        per_saved = saved.other + a * s.hidden
+        per_transient = transient.other + a * s.hidden
+        chunk_bytes = TILED_MLP_CHUNK * (saved.mlp + transient.mlp)
     shared = 2 * a * s.head_dim  # rotary cos and sin, computed once per forward
     if checkpointing == "off":
-        per_layer, working = saved, 0  # a layer's saved tensors are its working set
+        per_layer, working = per_saved, n_tokens * per_transient  # a layer's saved tensors are held anyway
     elif checkpointing == "plain":
-        per_layer, working = a * s.hidden, saved
+        per_layer, working = a * s.hidden, n_tokens * (per_saved + per_transient)
     else:  # offload: the recomputed layer's input and the prefetched one below it are on the device
-        per_layer, working = 0, saved + 2 * a * s.hidden
-    working += layer_transient(s, a, impl, recompute=checkpointing != "off")
+        per_layer, working = 0, n_tokens * (per_saved + per_transient + 2 * a * s.hidden) + chunk_bytes
 
     if impl == "hf":
         # Final norm (fp32 copy of its input), the logits the model returns (a), their fp32 log-softmax (4),
@@ -157,8 +179,8 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     at_head = held + head_peak  # backward's first node: no adapter gradient exists yet
     # Backward frees each layer's held tensors once past it while adapter gradients accumulate: the largest layer
     # moment is the top layer (everything held, no gradient) or the bottom one (one layer held, all gradients).
-    top = held + n_tokens * working
-    bottom = n_tokens * (per_layer + shared + working) + grads
+    top = held + working
+    bottom = n_tokens * (per_layer + shared) + working + grads
     at_layer = max(top, bottom)
     where = "head" if at_head >= at_layer else "layer"
     offloaded = n_tokens * s.layers * a * s.hidden if checkpointing == "offload" else 0
