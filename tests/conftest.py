@@ -42,10 +42,13 @@ def embedded_dir():
 
 
 @pytest.fixture(scope="session")
-def embedded_tokenizer(embedded_dir):
+def embedded_tokenizer(train_model_name):
+    """The embedded model's tokenizer (or, where its package is missing, the stand-in's: see train_model_name)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir)
+    from slothbook.models.loader import resolve_source
+
+    return AutoTokenizer.from_pretrained(resolve_source(train_model_name))
 
 
 @pytest.fixture(scope="session")

@@ -117,12 +117,15 @@ def _gpu_attention():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("attn", _gpu_attention())
-def test_packed_loss_on_the_gpu(attn, embedded_dir, sequences):
+def test_packed_loss_on_the_gpu(attn, train_model_name, sequences):
     """On CUDA: SDPA in fp32 (tight), flash-attention's varlen path through position_ids in bf16 (bf16 rounding)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.float32 if attn == "sdpa" else torch.bfloat16
-    gpu = AutoModelForCausalLM.from_pretrained(embedded_dir, dtype=dtype, attn_implementation=attn).cuda().eval()
+    from slothbook.models.loader import resolve_source
+
+    gpu = AutoModelForCausalLM.from_pretrained(resolve_source(train_model_name), dtype=dtype,
+                                               attn_implementation=attn).cuda().eval()
     batch = PackedCollator()([{"input_ids": ids} for ids in sequences])
     with torch.no_grad():
         logits = gpu(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items() if k != "labels"}).logits

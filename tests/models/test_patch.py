@@ -377,14 +377,15 @@ def test_gpu_bf16_every_family_matches_transformers(model_type, load_in_4bit, tm
 
 
 @pytest.mark.gpu
-def test_gpu_bf16_real_model_generation_uses_the_cache_consistently():
+def test_gpu_bf16_real_model_generation_uses_the_cache_consistently(train_model_name):
     """Greedy decoding with the KV cache through the kernels agrees with one full forward over the same tokens."""
-    model, tok = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=512, dtype=torch.bfloat16)
+    model, tok = FastLanguageModel.from_pretrained(train_model_name, max_seq_length=512, dtype=torch.bfloat16)
     assert is_patched(model)
     FastLanguageModel.for_inference(model)
     ids = tok("The capital of France is", return_tensors="pt").input_ids.cuda()
     out = model.generate(ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    assert "Paris" in tok.decode(out.sequences[0, ids.shape[1]:])
+    if train_model_name == "smollm2-135m":  # the real weights; the random stand-in knows no geography
+        assert "Paris" in tok.decode(out.sequences[0, ids.shape[1]:])
     with torch.no_grad():
         full = model(input_ids=out.sequences).logits[0, ids.shape[1] - 1:-1]
     cached = torch.stack(out.logits, dim=1)[0]
@@ -395,9 +396,9 @@ def test_gpu_bf16_real_model_generation_uses_the_cache_consistently():
 
 @pytest.mark.gpu
 @BASES
-def test_gpu_bf16_real_model_training_matches_transformers(load_in_4bit):
+def test_gpu_bf16_real_model_training_matches_transformers(load_in_4bit, train_model_name):
     def run(kernels):
-        model, tok = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=1024, dtype=torch.bfloat16,
+        model, tok = FastLanguageModel.from_pretrained(train_model_name, max_seq_length=1024, dtype=torch.bfloat16,
                                                        load_in_4bit=load_in_4bit, kernels=kernels)
         model = FastLanguageModel.get_peft_model(model, r=16, use_gradient_checkpointing="slothbook")
         g = torch.Generator().manual_seed(0)
