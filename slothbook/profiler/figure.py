@@ -67,13 +67,13 @@ def save_png(fig, path, width: int, height: int) -> None:
     try:
         import kaleido  # noqa: F401
     except ImportError as exc:
-        raise ExportError("save_png needs kaleido: pip install 'kaleido>=1.0' (it also needs a Chrome or Chromium "
-                          "browser: apt-get install chromium, or run plotly_get_chrome). save_html needs neither.") from exc
+        raise ExportError("save_png needs kaleido: pip install 'kaleido>=1.0' (and a Chrome or Chromium browser: "
+                          "apt-get install chromium, or run plotly_get_chrome). save_html needs neither.") from exc
     try:
         fig.write_image(str(path), width=width, height=height)
     except RuntimeError as exc:
         if "chrome" not in str(exc).lower():
             raise
-        raise ExportError("save_png renders through kaleido, which needs a Chrome or Chromium browser and found none. "
-                          "Install one (apt-get install chromium, or run plotly_get_chrome), or set BROWSER_PATH to its "
-                          "binary; save_html works without it.") from exc
+        raise ExportError("save_png renders through kaleido, which needs a Chrome or Chromium browser and found "
+                          "none. Install one (apt-get install chromium, or run plotly_get_chrome), or set "
+                          "BROWSER_PATH to its binary; save_html works without it.") from exc

@@ -73,7 +73,6 @@ class CpuMeter:
         self.name = "cpu"
         self._saved = SavedTensorCounter(skip_ptrs) if mode == "saved" else None
         self._tracker = AllocationTracker() if mode == "exact" else None
-        self._named_at_peak = 0
 
     def held(self) -> int:
         return self._process.memory_info().rss
@@ -91,9 +90,6 @@ class CpuMeter:
         if self._tracker is not None:
             return max(0, self._tracker.live - named)
         return self._saved.live
-
-    def saved_peak(self) -> int:
-        return self._saved.peak if self._saved is not None else 0
 
     def forward_begin(self, seed) -> None:
         if self._saved is not None:

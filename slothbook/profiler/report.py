@@ -26,7 +26,8 @@ def summary_table(steps: list[Sample], meter, steps_started: int) -> str:
              f"{'category':<30} {f'at peak (step {top.step})':>20} {'largest':>12}"]
     for cat in CATEGORIES:
         largest = max(getattr(s, cat) for s in steps)
-        lines.append(f"{category_label(cat, cpu):<30} {format_bytes(getattr(top, cat)):>20} {format_bytes(largest):>12}")
+        at_top = format_bytes(getattr(top, cat))
+        lines.append(f"{category_label(cat, cpu):<30} {at_top:>20} {format_bytes(largest):>12}")
     lines.append("-" * 64)
     held = "process resident memory" if cpu else "reserved by the allocator"
     for label, attr in (("peak allocated", "peak"), (held, "held")):
