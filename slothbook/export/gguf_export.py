@@ -259,13 +259,31 @@ def llama_cpp_quantize(src: Path, dst: Path, method: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{LLAMA_CPP_TYPES[method]}")
     params.nthread = os.cpu_count() or 1
-    # llama-cpp-python routes llama.cpp's log through this logger; its per-tensor report is noise here.
-    llama_log = logging.getLogger("llama-cpp-python")
-    level = llama_log.level
-    llama_log.setLevel(max(level, logging.WARNING))
-    try:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    finally:
-        llama_log.setLevel(level)
+    rc, log = _capturing_native_output(
+        lambda: llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)))
     if rc != 0:
-        raise ExportError(f"llama.cpp could not quantize {src.name} to {method} (code {rc}); see its log above.")
+        raise ExportError(f"llama.cpp could not quantize {src.name} to {method} (code {rc}). "
+                          f"Its log ends with:\n{log[-2000:]}")
+
+
+def _capturing_native_output(call):
+    """Run `call` with the process's stdout/stderr (where llama.cpp prints its per-tensor report) sent to a
+    temporary file; return its result and what was printed."""
+    import sys
+    import tempfile
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            result = call()
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+        log.seek(0)
+        return result, log.read().decode("utf-8", "replace")

@@ -1,69 +1,81 @@
 """Streaming: the merged and GGUF exports of the 135M model never hold the whole merged model in host memory.
 
-Peak resident memory is sampled by a background thread (torch's CPU allocations bypass tracemalloc). The bound:
-the extra memory during export stays below half the size of the merged weights. An export that built the full
-merged state dict would need at least their whole size. `pytest -s` prints the measured numbers (docs/export.md).
+Each export runs in a fresh Python process (an allocator that already grew in this test session would hide the
+peak) that loads the fine-tuned model, then samples its resident memory every millisecond while exporting. As a
+yardstick the same process shape runs PEFT's merge_and_unload + save_pretrained, which serializes the whole state
+dict at once. `pytest -s` prints the numbers quoted in docs/export.md.
 """
 
 from __future__ import annotations
 
-import gc
-import threading
-import time
+import json
+import subprocess
+import sys
 
-import psutil
 import pytest
 
+PROBE = r"""
+import gc, json, sys, threading, time
+import psutil, torch
+from peft import PeftModel
+from slothbook import FastLanguageModel
+from slothbook.export import save_pretrained_gguf, save_pretrained_merged
+from slothbook.export.tensors import merged_tensors
 
-class PeakRSS:
-    """Peak resident set size above the level at entry, sampled every millisecond."""
+mode, adapter, out = sys.argv[1:4]
+model, tokenizer = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=256)
+model = PeftModel.from_pretrained(model, adapter)
+size = sum(t.numel * 4 for t in merged_tensors(model))
+gc.collect()
+proc = psutil.Process()
+base = peak = proc.memory_info().rss
+done = threading.Event()
 
-    def __enter__(self):
-        gc.collect()
-        self._proc = psutil.Process()
-        self.base = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
+def sample():
+    global peak
+    while not done.is_set():
+        peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.001)
 
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def extra_mib(self) -> float:
-        return (self.peak - self.base) / 2**20
-
-
-def merged_size_mib(model) -> float:
-    from slothbook.export.tensors import merged_tensors
-
-    return sum(t.numel * 4 for t in merged_tensors(model)) / 2**20  # fp32 on the CPU
+thread = threading.Thread(target=sample, daemon=True)
+thread.start()
+if mode == "merged_16bit":
+    save_pretrained_merged(model, out, tokenizer, max_shard_size="50MB")
+elif mode == "gguf_f16":
+    save_pretrained_gguf(model, out, tokenizer, "f16")
+else:  # the yardstick: merge in place, then let transformers serialize the whole state dict
+    model.merge_and_unload().save_pretrained(out)
+done.set()
+thread.join()
+peak = max(peak, proc.memory_info().rss)
+print(json.dumps({"model_mib": size / 2**20, "extra_mib": (peak - base) / 2**20}))
+"""
 
 
-@pytest.mark.parametrize("shard", ["50MB", "200MB"])
-def test_merged_16bit_export_streams(finetuned, tmp_path, shard):
+@pytest.fixture(scope="module")
+def adapter_dir(finetuned, tmp_path_factory):
     from slothbook.export import save_pretrained_merged
 
-    size = merged_size_mib(finetuned.model)
-    with PeakRSS() as rss:
-        save_pretrained_merged(finetuned.model, tmp_path / "m", finetuned.tokenizer, max_shard_size=shard)
-    print(f"\nmerged_16bit (fp32, shards {shard}): model {size:.0f} MiB, peak extra host memory {rss.extra_mib:.0f} MiB")
-    assert rss.extra_mib < 0.5 * size
+    return save_pretrained_merged(finetuned.model, tmp_path_factory.mktemp("mem") / "lora", finetuned.tokenizer,
+                                  save_method="lora")
 
 
-def test_gguf_f16_export_streams(finetuned, tmp_path):
-    from slothbook.export import save_pretrained_gguf
+def peak_extra(mode: str, adapter, out) -> dict:
+    result = subprocess.run([sys.executable, "-c", PROBE, mode, str(adapter), str(out)], capture_output=True,
+                            text=True, timeout=600, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    numbers = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"\n{mode}: merged model {numbers['model_mib']:.0f} MiB (fp32), peak extra host memory "
+          f"{numbers['extra_mib']:.0f} MiB")
+    return numbers
 
-    size = merged_size_mib(finetuned.model)
-    with PeakRSS() as rss:
-        save_pretrained_gguf(finetuned.model, tmp_path / "g", finetuned.tokenizer, "f16")
-    print(f"\nGGUF f16: model {size:.0f} MiB (fp32), peak extra host memory {rss.extra_mib:.0f} MiB")
-    assert rss.extra_mib < 0.5 * size
+
+def test_exports_stream_one_tensor_at_a_time(adapter_dir, tmp_path):
+    naive = peak_extra("merge_and_unload", adapter_dir, tmp_path / "naive")
+    # The yardstick really holds a model-sized copy: the measurement can see a non-streaming export.
+    assert naive["extra_mib"] > 0.8 * naive["model_mib"]
+    for mode in ("merged_16bit", "gguf_f16"):
+        ours = peak_extra(mode, adapter_dir, tmp_path / mode)
+        # Largest tensor (the 49152 x 576 embedding, 108 MiB in fp32) plus one 50 MB shard, with headroom; far
+        # below the model's 513 MiB.
+        assert ours["extra_mib"] < 0.5 * ours["model_mib"]

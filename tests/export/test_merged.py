@@ -42,10 +42,11 @@ def test_lora_adapter_reloads_with_peft(finetuned, tmp_path, exact_logits):
 def test_merged_16bit_matches_the_peft_model(finetuned, merged16_dir, merged16_model, exact_logits):
     for text in PROMPTS:
         ids = _ids(finetuned.tokenizer, text)
-        # Merging changes only the order of fp32 operations ((W + sBA)x vs Wx + sB(Ax)). Through 30 layers that
-        # reaches ~2e-4 on logits of size ~30 (a few fp32 ulps), hence 1e-4 absolute plus 1e-5 relative.
+        # Merging changes only the order of fp32 operations ((W + sBA)x vs Wx + sB(Ax)), rounded differently
+        # through 30 layers: measured max 1.6e-4 on logits of size ~30 (28 of 245760 logits above 1e-4;
+        # merging in fp64 does not shrink it, so it is the PEFT side's rounding), hence 3e-4.
         torch.testing.assert_close(exact_logits(merged16_model, ids), exact_logits(finetuned.model, ids),
-                                   atol=1e-4, rtol=1e-5)
+                                   atol=3e-4, rtol=0)
 
 
 def test_merged_16bit_folder_is_a_plain_sharded_checkpoint(merged16_dir, finetuned):
@@ -84,7 +85,7 @@ def test_merged_16bit_from_a_4bit_base(finetuned_4bit, tmp_path, exact_logits):
         # x @ (dequant(W) + s * BA)^T with the same exactly dequantized values: only the fp32 order of
         # operations differs, so the fp32 tolerance above holds.
         torch.testing.assert_close(exact_logits(merged, ids), exact_logits(finetuned_4bit.model, ids),
-                                   atol=1e-4, rtol=1e-5)
+                                   atol=3e-4, rtol=0)
 
 
 def test_merged_4bit_is_nf4_of_the_merged_weights(finetuned, merged16_dir, tmp_path, exact_logits):
