@@ -288,15 +288,23 @@ class MemoryProfiler:
     def _measure(self, phase: str) -> Sample:
         grads, opt = self.gradient_bytes(), self.optimizer_bytes()
         named = self.weights_bytes + self.lora_bytes + grads + opt
+        offloaded = self._offloaded()
         activations = self.meter.activations(named)
+        pooled = self._pool_in_process(offloaded)
+        if pooled and self.meter.allocated() is not None:
+            activations = max(0, activations - pooled)  # the exact tracker saw the pool's buffers too
         allocated = named + activations
-        held = max(self.meter.held(), allocated)
+        held = max(self.meter.held() - pooled, allocated)
         self._step_max = max(self._step_max, allocated)
         measured = self.meter.peak()
         peak = self._step_max if measured is None else max(self._step_max, measured)
         return Sample(self._step, phase, time.perf_counter() - self._t0, self.weights_bytes, self.lora_bytes,
-                      grads, opt, activations, self._offloaded(), held - allocated, allocated, held, peak,
+                      grads, opt, activations, offloaded, held - allocated, allocated, held, peak,
                       self.meter.capacity)
+
+    def _pool_in_process(self, offloaded: int) -> int:
+        """On the CPU the offload pool lives in the memory measured: these bytes are offloaded, not rest."""
+        return offloaded if self.meter.kind == "cpu" else 0
 
     def _peak_row(self, phases: list[Sample], seconds: float, tokens: int) -> Sample:
         """Split the step's peak: named tensors at their largest (gradients in full), activations the rest.
@@ -311,6 +319,7 @@ class MemoryProfiler:
         if measured is None:
             peak = named + max(s.activations for s in phases)
         else:
+            measured -= self._pool_in_process(max(s.offloaded for s in phases))
             peak = max([s.allocated for s in phases] + [measured])
         held = max([s.held for s in phases] + [peak])
         return Sample(self._step, PEAK, time.perf_counter() - self._t0, self.weights_bytes, self.lora_bytes, grads,

@@ -39,7 +39,7 @@ class Sample:
     offloaded: int
     rest: int
     allocated: int  # weights + lora + gradients + optimizer + activations
-    held: int  # allocated + rest: the CUDA reserved pool, or the CPU process's resident memory
+    held: int  # allocated + rest: the CUDA reserved pool, or the CPU process's resident memory less the offload pool
     peak: int  # the step's highest `allocated` so far
     capacity: int  # the device's memory (CPU: the machine's)
     tokens: int = 0

@@ -143,3 +143,35 @@ def test_estimate_is_within_20_percent_of_the_cuda_peak(train_model_name, checkp
     # bitsandbytes may share its small code tables between CUDA weights: equal to a kilobyte per weight.
     assert est["weights"] == pytest.approx(measured.weights, rel=1e-3)
     assert est.total == pytest.approx(measured.peak, rel=0.20)
+
+
+def _offloaded_tiny_model():
+    """A small random Llama whose layer inputs are a large share of its activations (vocab 512)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from slothbook import FastLanguageModel
+    from slothbook.train.offload import enable_offloaded_checkpointing
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=896, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = FastLanguageModel.get_peft_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), r=16,
+                                             use_gradient_checkpointing=False)
+    enable_offloaded_checkpointing(model, offload_on_cpu=True)  # the GPU's offload path, through host buffers
+    return model, config
+
+
+@pytest.mark.xfail(strict=True, reason="train/offload.py's _split_hidden closure keeps every layer's input alive on "
+                                       "the device (the lambda captures the whole args tuple); remove this mark once "
+                                       "it binds args[1:] instead")
+def test_offloaded_checkpointing_holds_no_layer_inputs(adamw, run_steps):
+    model, config = _offloaded_tiny_model()
+    opt = adamw(model)
+    with MemoryProfiler(model, opt, cpu_mode="exact") as prof:
+        run_steps(model, opt, seq_len=1024, steps=2, profiler=prof)
+    forward = next(s for s in prof.samples if s.step == 2 and s.phase == "forward")
+    assert forward.offloaded >= 8 * 1024 * 256 * 4  # the inputs did go to the pool
+    est = estimate(config, 1024, 1, load_in_4bit=False, checkpointing="offload", dtype="fp32", implementation="hf")
+    assert est.detail["held_after_forward"] == pytest.approx(forward.activations, rel=0.15)
+    assert est["activations"] == pytest.approx(prof.steps[-1].activations, rel=0.15)
