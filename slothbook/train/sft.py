@@ -80,6 +80,7 @@ def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
     from trl import SFTTrainer
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
+    adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     trainer = SFTTrainer(
         model=model,
         args=sft_config(args, dtype),
@@ -87,11 +88,20 @@ def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
         processing_class=tokenizer,
         callbacks=[LossPrinter(), *callbacks],
     )
+    _restore_dtypes(model, adapter_dtypes)
     # Our LossPrinter replaces the raw dict lines that Trainer's printers write.
     trainer.remove_callback(PrinterCallback)
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_BarWithoutLogs)
     return trainer
+
+
+def _restore_dtypes(model, dtypes: dict) -> None:
+    """TRL casts the adapters of a quantized model to bf16; keep the fp32 adapters PEFT made instead, so Adam's small
+    updates are not rounded away, the saved adapter reloads to the very model that trained, and CPUs stay in fp32."""
+    for name, p in model.named_parameters():
+        if name in dtypes and p.dtype != dtypes[name]:
+            p.data = p.data.to(dtypes[name])
 
 
 class _BarWithoutLogs(ProgressCallback):
