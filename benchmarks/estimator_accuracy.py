@@ -6,14 +6,17 @@ builders are benchmarks/long_context.py's). LoRA r=16 on every projection of the
 For each config ("qlora": NF4 decoder linears, "lora16": bf16), checkpointing mode ("plain", "offload") and
 sequence length (2K, 8K, 32K by default):
 
-  unprofiled  warm-up, then --steps timed steps without the profiler; the allocator's peak of the last one
+  unprofiled  warm-up, then --steps timed steps without the profiler (the allocator's peak of the last one),
+              and --steps more after the profiled ones: their mean is the baseline, their gap the drift
   profiled    the same steps inside `MemoryProfiler` (CPU: cpu_mode="exact", so the peak includes transients)
   estimate    `estimate(config, seq, 1, **training_setup(model, optimizer))`, from the config alone
 
 Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
-  estimator_accuracy  peak_gib, weights_gib, activations_gib, offloaded_gib (measured / estimate),
-                      ratio_to_measured (estimate's peak over the measured one)
-  profiler_overhead   step_time_ms (unprofiled / profiled) and overhead_fraction (profiled / unprofiled - 1)
+  estimator_accuracy  peak_gib, weights_gib, activations_gib, held_after_forward_gib, offloaded_gib (measured /
+                      estimate), ratio_to_measured (estimate's peak over the measured one), peak_before (the
+                      first phase sample at the step's peak) and peak_where (the estimate's: head or layer)
+  profiler_overhead   step_time_ms (unprofiled / profiled), overhead_fraction (profiled / unprofiled - 1) and
+                      drift_fraction (second unprofiled run / first - 1: noise to read the overhead against)
 
   python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece, < 10 min
   python benchmarks/estimator_accuracy.py --tiny           # CPU smoke test: tiny model, short sequences
@@ -167,12 +170,18 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> N
 
     step()  # warm-up: optimizer state, offload pool, kernel compilation
     common.sync(device)
-    plain_ms = timed()
+    before_ms = timed()
     allocator_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     # CPU: "exact" tracks every allocation (the default "saved" mode cannot see backward's working set).
     with MemoryProfiler(model, optimizer, cpu_mode="exact" if device.type == "cpu" else "saved") as prof:
         profiled_ms = timed(prof.step)
+    after_ms = timed()  # unprofiled again: drift (clocks, pools warming up) shows as a gap between the two
+    plain_ms = (before_ms + after_ms) / 2
     measured = prof.steps[-1]
+    phases = [s for s in prof.samples if s.step == measured.step and s.phase != "peak"]
+    # The first phase whose running peak reached the step's: the peak happened before that sample.
+    peak_phase = next((s.phase for s in phases if s.peak >= measured.peak), "after the last sample")
+    forward = next((s for s in phases if s.phase == "forward"), None)
     est = estimate(model.config, seq, 1, **training_setup(model, optimizer, device.type))
 
     accuracy.add("measured", name, "peak_gib", measured.peak / GIB, "GiB")
@@ -183,10 +192,16 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> N
     for category in ("weights", "activations"):
         accuracy.add("measured", name, f"{category}_gib", getattr(measured, category) / GIB, "GiB")
         accuracy.add("estimate", name, f"{category}_gib", est[category] / GIB, "GiB")
+    if forward is not None:
+        accuracy.add("measured", name, "held_after_forward_gib", forward.activations / GIB, "GiB")
+    accuracy.add("estimate", name, "held_after_forward_gib", est.detail["held_after_forward"] / GIB, "GiB")
+    accuracy.add("measured", name, "peak_before", peak_phase, "phase")
+    accuracy.add("estimate", name, "peak_where", est.detail["peak_where"], "name")
     accuracy.add("measured", name, "offloaded_gib", measured.offloaded / GIB, "GiB")
     accuracy.add("estimate", name, "offloaded_gib", est.detail["offloaded"] / GIB, "GiB")
     accuracy.add("estimate", name, "implementation", est.settings["implementation"], "name")
     overhead.add("unprofiled", name, "step_time_ms", round(plain_ms, 2), "ms")
+    overhead.add("unprofiled", name, "drift_fraction", round(after_ms / before_ms - 1, 4), "fraction")
     overhead.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
     overhead.add("profiler", name, "overhead_fraction", round(profiled_ms / plain_ms - 1, 4), "fraction")
 

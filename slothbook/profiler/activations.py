@@ -141,9 +141,11 @@ class ActivationEstimate:
 
 
 def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkpointing: str,
-                        impl: str = "kernels", grads: int = 0) -> ActivationEstimate:
+                        impl: str = "kernels", grads: int = 0, quantized: bool = False) -> ActivationEstimate:
     """Activation bytes of one step over `n_tokens` tokens (batch x sequence length).
 
+    quantized: NF4 base weights, dequantized one at a time for each matmul (the largest, intermediate x hidden,
+    is part of a layer's working set).
     grads: the LoRA gradient bytes, which grow during backward: candidate peaks are compared with the gradients
     that exist at each. `peak` follows the profiler's convention: the step's peak less every named tensor,
     gradients counted in full (so it can be less than the activation bytes alive at the peak).
@@ -152,11 +154,14 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     saved = layer_saved(s, a, r, targets, impl)
     transient = layer_transient(s, a, impl, recompute=checkpointing != "off")
     per_saved, per_transient, chunk_bytes = saved.total, transient.total, 0
+    if impl == "kernels" and checkpointing != "off":
+        per_saved -= a * s.hidden  # the norm kernel saves the layer input itself: the checkpointed input
     if checkpointing == "offload" and n_tokens > TILED_MLP_CHUNK:
         # The tiled MLP keeps only its input, gives its output in one buffer and works one chunk at a time.
         per_saved = saved.other + a * s.hidden
         per_transient = transient.other + a * s.hidden
         chunk_bytes = TILED_MLP_CHUNK * (saved.mlp + transient.mlp)
+    dense_weight = a * s.intermediate * s.hidden if quantized else 0
     shared = 2 * a * s.head_dim  # rotary cos and sin, computed once per forward
     if checkpointing == "off":
         per_layer, working = per_saved, n_tokens * per_transient  # a layer's saved tensors are held anyway
@@ -181,7 +186,7 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     # moment is the top layer (everything held, no gradient) or the bottom one (one layer held, all gradients).
     top = held + working
     bottom = n_tokens * (per_layer + shared) + working + grads
-    at_layer = max(top, bottom)
+    at_layer = max(top, bottom) + dense_weight
     where = "head" if at_head >= at_layer else "layer"
     offloaded = n_tokens * s.layers * a * s.hidden if checkpointing == "offload" else 0
     return ActivationEstimate(held + n_tokens * head_held, max(at_head, at_layer) - grads, where, offloaded)

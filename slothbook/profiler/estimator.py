@@ -244,7 +244,7 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
     fixed = _fixed or _Fixed(config, r, target_modules, load_in_4bit, optimizer, dtype)
     a = torch.empty((), dtype=dtype).element_size()
     act = activation_estimate(fixed.shape, seq_len * batch_size, a, r, fixed.targets, checkpointing,
-                              implementation, grads=fixed.gradients)
+                              implementation, grads=fixed.gradients, quantized=load_in_4bit)
     values = {"weights": fixed.weights, "lora": fixed.lora, "gradients": fixed.gradients,
               "optimizer": fixed.optimizer, "activations": act.peak}
     settings = dict(seq_len=seq_len, batch_size=batch_size, r=r, target_modules=sorted(fixed.targets),
