@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj")
-MLP_TARGETS = frozenset({"gate_proj", "up_proj", "down_proj"})
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # Phi-3 fuses q, k and v in qkv_proj
+GATE_UP_TARGETS = ("gate_proj", "up_proj", "gate_up_proj")  # and gate and up in gate_up_proj
+MLP_TARGETS = frozenset(GATE_UP_TARGETS + ("down_proj",))
 TILED_MLP_CHUNK = 4096  # train/tiled_mlp.py's default, which offloaded checkpointing switches on
 LORA_BYTES = 4  # PEFT's adapters are fp32 over a 16-bit base
 IMPLEMENTATIONS = ("kernels", "hf")
@@ -92,7 +93,7 @@ def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kerne
     lora_mid = (LORA_BYTES if impl == "hf" else a) * r  # x A^T per adapter
     attention_lora = _lora_inputs(s, a, targets, impl, [(ATTENTION_TARGETS, s.hidden), (("o_proj",), s.q)])
     # The fused MLP recomputes act(gate) * up, down_proj's input, instead of saving it.
-    mlp_groups = [(("gate_proj", "up_proj"), s.hidden)] + ([(("down_proj",), s.intermediate)] if impl == "hf" else [])
+    mlp_groups = [(GATE_UP_TARGETS, s.hidden)] + ([(("down_proj",), s.intermediate)] if impl == "hf" else [])
     mlp_lora = _lora_inputs(s, a, targets, impl, mlp_groups)
     mlp_adapters = len(targets & MLP_TARGETS)
     # hf: gate and up outputs plus the activation's output; the fused MLP keeps gate and up and recomputes the rest.
