@@ -444,15 +444,20 @@ class MemoryProfiler:
 
     @contextlib.contextmanager
     def oom_guard(self):
-        """Re-raise an out-of-memory error inside the block as a `TrainingOutOfMemoryError` that explains it."""
+        """Re-raise an out-of-memory error inside the block as a `TrainingOutOfMemoryError` that explains it.
+        On any error the profiler's hooks come off (and the CPU's exact tracker stops)."""
         try:
             yield self
         except torch.OutOfMemoryError as exc:
             if not _is_oom(exc):
+                self.detach(finish=False)
                 raise  # already translated
             translated = self.translate_oom(exc)
             self.detach(finish=False)
             raise translated from exc
+        except BaseException:
+            self.detach(finish=False)
+            raise
 
 
 def _is_oom(exc) -> bool:
