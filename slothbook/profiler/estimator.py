@@ -174,19 +174,17 @@ def lora_shapes(model: nn.Module, r: int, target_modules) -> list[tuple[int, int
 
 def optimizer_bytes(param_numels: list[int], optimizer: str) -> int:
     """State bytes for fp32 adapter parameters: torch AdamW (two moments and a step per parameter), bitsandbytes
-    AdamW8bit (uint8 moments in 256-blocks with fp32 absmax and two 256-entry maps; 32-bit state below 4096
-    elements), or SGD without momentum (none)."""
+    AdamW8bit (uint8 moments in 256-blocks with fp32 absmax, and two 256-entry maps that all parameters share;
+    32-bit state below 4096 elements), or SGD without momentum (none)."""
     if optimizer == "sgd":
         return 0
     if optimizer == "adamw":
         return sum(2 * LORA_BYTES * n + 4 for n in param_numels)
-    total = 0
-    for n in param_numels:
-        if n < BNB_8BIT_MIN_SIZE:
-            total += 2 * 4 * n
-        else:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_8BIT_BLOCK) + 2 * 4 * 256
-    return total
+    small = [n for n in param_numels if n < BNB_8BIT_MIN_SIZE]
+    large = [n for n in param_numels if n >= BNB_8BIT_MIN_SIZE]
+    maps = 2 * 4 * 256 if large else 0
+    return (sum(2 * 4 * n for n in small) + sum(2 * n + 2 * 4 * math.ceil(n / BNB_8BIT_BLOCK) for n in large)
+            + maps)
 
 
 # ---- the estimate -----------------------------------------------------------------------------------------

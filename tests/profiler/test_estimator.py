@@ -175,3 +175,21 @@ def test_offloaded_checkpointing_holds_no_layer_inputs(adamw, run_steps):
     est = estimate(config, 1024, 1, load_in_4bit=False, checkpointing="offload", dtype="fp32", implementation="hf")
     assert est.detail["held_after_forward"] == pytest.approx(forward.activations, rel=0.15)
     assert est["activations"] == pytest.approx(prof.steps[-1].activations, rel=0.15)
+
+
+def test_eight_bit_adamw_state_matches_bitsandbytes():
+    import bitsandbytes as bnb
+
+    from slothbook.profiler.estimator import optimizer_bytes
+    from slothbook.profiler.tensors import StorageSet, optimizer_tensors
+
+    # A's and B's of r=16 adapters: above and below bitsandbytes' 4096-element threshold for 8-bit state.
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    params = [torch.nn.Parameter(torch.randn(shape, device=device))
+              for shape in ((16, 576), (192, 16), (1536, 16), (16, 1536))]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    stored = StorageSet(device).add_all(optimizer_tensors(opt))
+    assert optimizer_bytes([p.numel() for p in params], "adamw_8bit") == stored
