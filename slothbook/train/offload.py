@@ -313,8 +313,10 @@ def unpatch_forward(module: nn.Module, key: str) -> bool:
 def _split_hidden(args: tuple, kwargs: dict):
     """The hidden state, the other arguments, and a function that calls a forward with another hidden state."""
     if args:
-        rest = (args[1:], kwargs)
-        return args[0], rest, lambda forward, h: forward(h, *args[1:], **kwargs)
+        # Bind the other arguments alone: a closure over `args` would keep the input hidden state alive on the
+        # device until backward, which is exactly what offloading it is meant to avoid.
+        others = args[1:]
+        return args[0], (others, kwargs), lambda forward, h: forward(h, *others, **kwargs)
     others = {k: v for k, v in kwargs.items() if k != "hidden_states"}
     return kwargs["hidden_states"], ((), others), lambda forward, h: forward(hidden_states=h, **others)
 

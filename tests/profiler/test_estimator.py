@@ -162,9 +162,6 @@ def _offloaded_tiny_model():
     return model, config
 
 
-@pytest.mark.xfail(strict=True, reason="train/offload.py's _split_hidden closure keeps every layer's input alive on "
-                                       "the device (the lambda captures the whole args tuple); remove this mark once "
-                                       "it binds args[1:] instead")
 def test_offloaded_checkpointing_holds_no_layer_inputs(adamw, run_steps):
     model, config = _offloaded_tiny_model()
     opt = adamw(model)
