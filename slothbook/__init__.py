@@ -5,7 +5,15 @@ __version__ = "0.1.0"
 from .errors import SlothbookError  # noqa: E402
 from .fast import FastLanguageModel  # noqa: E402
 
-__all__ = ["FastLanguageModel", "SlothbookError", "__version__"]
+
+def estimate(*args, **kwargs):
+    """Predicted peak memory by category: see `slothbook.profiler.estimate`."""
+    from .profiler import estimate as _estimate  # imported on use: the profiler pulls in pandas
+
+    return _estimate(*args, **kwargs)
+
+
+__all__ = ["FastLanguageModel", "SlothbookError", "__version__", "estimate"]
 
 
 def load_ipython_extension(ipython):  # `%load_ext slothbook`

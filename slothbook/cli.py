@@ -48,14 +48,42 @@ def cmd_finetune(ns) -> int:
     cfg = FinetuneConfig.from_dict(values)
     from .train.job import run_finetune
 
-    profiler = MemoryProfiler()
-    result = run_finetune(cfg, callbacks=[profiler])
+    profiler = MemoryProfiler(live=False)
+    with profiler.oom_guard():  # an out-of-memory names the step, phase, largest category and what would fit
+        result = run_finetune(cfg, callbacks=[profiler.callback()])
     print()
     print(profiler.summary())
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
     print(f"\nloss {first:.4f} -> {last:.4f} in {result.seconds:.1f} s")
     print(f"adapter saved to {result.adapter_dir}")
     return 0
+
+
+def cmd_estimate(ns) -> int:
+    from .profiler import estimate, max_fit
+
+    options = dict(r=ns.r, load_in_4bit=ns.load_in_4bit, checkpointing=ns.checkpointing, optimizer=ns.optimizer,
+                   dtype=ns.dtype)
+    gpu_memory = int(ns.gpu_memory_gib * 2**30) if ns.gpu_memory_gib else None
+    print(f"{ns.model}: seq {ns.seq} x batch {ns.batch}, r={ns.r}, {'4-bit' if ns.load_in_4bit else '16-bit'} base, "
+          f"checkpointing {ns.checkpointing}, {ns.optimizer}")
+    print(estimate(ns.model, ns.seq, ns.batch, gpu_memory=gpu_memory, **options))
+    if gpu_memory:
+        print(f"fits in {ns.gpu_memory_gib:g} GiB: {max_fit(ns.model, gpu_memory, ns.seq, ns.batch, **options)}")
+    return 0
+
+
+def _estimate_parser(sub) -> None:
+    p = sub.add_parser("estimate", help="predict peak memory by category without loading weights")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seq", type=int, default=2048, help="sequence length")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--checkpointing", choices=("offload", "plain", "off"), default="offload")
+    p.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default="adamw")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--gpu-memory-gib", type=float, default=None, help="also say the longest sequence / batch that fit")
 
 
 def cmd_gpu(ns) -> int:
@@ -73,11 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slothbook", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
+    _estimate_parser(sub)
     sub.add_parser("gpu", help="list devices with memory and bf16 support")
     return parser
 
 
-COMMANDS = {"finetune": cmd_finetune, "gpu": cmd_gpu}
+COMMANDS = {"finetune": cmd_finetune, "estimate": cmd_estimate, "gpu": cmd_gpu}
 
 
 def main(argv=None) -> int:

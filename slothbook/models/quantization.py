@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import ConfigError
+
+# bitsandbytes warns at import on AVX-512-bf16 CPUs that an optional hub kernel is missing; it falls back to its
+# own CPU path, so the warning only alarms users.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Kept in the compute dtype: quantizing the output head costs accuracy and saves little.
 SKIP_MODULES = ["lm_head"]

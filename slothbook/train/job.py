@@ -67,14 +67,28 @@ class FinetuneResult:
 
 
 def load_training_dataset(cfg: FinetuneConfig, tokenizer):
-    """The dataset as SFTTrainer wants it: a `datasets.Dataset` with a text column."""
-    from ..data import demo_dataset_path, load_dataset_file
+    """The dataset as SFTTrainer wants it, and the tokenizer (with the chosen chat template applied).
+
+    A file with `cfg.text_field` trains on that text as is. Anything else (Alpaca, ShareGPT, OpenAI messages,
+    prompt/completion) is converted to conversations that the chat template renders.
+    """
+    from ..data import demo_dataset_path, detect_shape, get_chat_template, load_dataset_file, standardize
 
     ds = load_dataset_file(cfg.dataset or str(demo_dataset_path()))
-    if cfg.text_field not in ds.column_names:
-        raise DatasetError(f"The dataset has no field '{cfg.text_field}'. Its fields are: {', '.join(ds.column_names)}. "
-                           "Pass --text-field with one of them, or --chat-template NAME to render conversations.")
-    return ds
+    if cfg.chat_template:
+        tokenizer = get_chat_template(tokenizer, cfg.chat_template)
+    if cfg.text_field in ds.column_names and not (cfg.chat_template or cfg.responses_only):
+        return ds, tokenizer
+    try:
+        shape = detect_shape(ds)
+    except DatasetError as exc:
+        raise DatasetError(f"{exc} The text field '{cfg.text_field}' is not among them either: pass --text-field "
+                           "with the column that holds the training text.") from exc
+    print(f"dataset: {len(ds)} rows in the {shape} shape")
+    ds = standardize(ds)
+    if "messages" not in ds.column_names and cfg.text_field != "text":
+        ds = ds.rename_column("text", cfg.text_field)
+    return ds, tokenizer
 
 
 def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) -> FinetuneResult:
@@ -89,7 +103,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
         model = FastLanguageModel.get_peft_model(
             model, r=cfg.r, lora_alpha=cfg.lora_alpha, random_state=cfg.seed,
             use_gradient_checkpointing=cfg.gradient_checkpointing)
-    dataset = load_training_dataset(cfg, tokenizer)
+    dataset, tokenizer = load_training_dataset(cfg, tokenizer)
     args = TrainArgs(
         output_dir=str(out / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
@@ -97,6 +111,10 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
         seed=cfg.seed, save_steps=cfg.save_steps, warmup_steps=min(5, cfg.steps // 10),
     )
     trainer = build_trainer(model, tokenizer, dataset, args, callbacks=callbacks)
+    if cfg.responses_only:
+        from ..data import train_on_responses_only
+
+        train_on_responses_only(trainer, tokenizer)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
