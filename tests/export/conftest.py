@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,24 @@ TRAIN_TEXTS = [
     "Le renard brun saute par-dessus le chien paresseux.",
 ]
 LORA_RANK = 8
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread. On a shared 2-core machine, two spinning threads per process make a 135M forward pass
+    10-15x slower than one thread (measured: 0.19 s vs 2-3 s); llama.cpp gets n_threads=1 in these tests too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    with one_thread():
+        yield
 
 
 def _exact_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -48,6 +67,11 @@ def _lora_model(load_in_4bit: bool):
 @pytest.fixture(scope="session")
 def finetuned():
     """The fp32 embedded model with LoRA r=8 trained 10 AdamW steps on a few sentences (lora_B becomes non-zero)."""
+    with one_thread():
+        return _finetune()
+
+
+def _finetune():
     torch.manual_seed(0)
     model, tokenizer = _lora_model(load_in_4bit=False)
     batch = tokenizer(TRAIN_TEXTS, return_tensors="pt", padding=True)
@@ -79,7 +103,8 @@ def finetuned_4bit(finetuned):
     """
     from peft import set_peft_model_state_dict
 
-    model, tokenizer = _lora_model(load_in_4bit=True)
+    with one_thread():
+        model, tokenizer = _lora_model(load_in_4bit=True)
     set_peft_model_state_dict(model, finetuned.adapter)
     return SimpleNamespace(model=model, tokenizer=tokenizer)
 
@@ -90,8 +115,9 @@ def merged16_dir(finetuned, tmp_path_factory):
     from slothbook.export import save_pretrained_merged
 
     path = tmp_path_factory.mktemp("export") / "merged16"
-    save_pretrained_merged(finetuned.model, path, finetuned.tokenizer, save_method="merged_16bit",
-                           max_shard_size="100MB")
+    with one_thread():
+        save_pretrained_merged(finetuned.model, path, finetuned.tokenizer, save_method="merged_16bit",
+                               max_shard_size="100MB")
     return path
 
 
@@ -108,5 +134,6 @@ def gguf_files(finetuned, tmp_path_factory):
     from slothbook.export import save_pretrained_gguf
 
     folder = tmp_path_factory.mktemp("export") / "gguf"
-    paths = save_pretrained_gguf(finetuned.model, folder, finetuned.tokenizer, ["f16", "q8_0", "q4_k_m"])
+    with one_thread():
+        paths = save_pretrained_gguf(finetuned.model, folder, finetuned.tokenizer, ["f16", "q8_0", "q4_k_m"])
     return dict(zip(["f16", "q8_0", "q4_k_m"], paths))

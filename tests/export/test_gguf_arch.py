@@ -43,7 +43,7 @@ def tiny_lora_model(model_type: str, vocab_size: int, **overrides):
 def gguf_vs_hf(model, tokenizer, folder, method="f32"):
     path = save_pretrained_gguf(model, folder, tokenizer, method)[0]
     ids = tokenizer(TEXT)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
     try:
         llm.eval(ids)
         got = np.array(llm.scores[: len(ids)])

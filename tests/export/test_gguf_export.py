@@ -23,7 +23,7 @@ MULTILINGUAL = ("<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\n
 
 
 def open_gguf(path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,10 @@ def gguf_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-def top1_agreement(llm, tokenizer, hf_model, min_margin: float = 0.0) -> float:
-    """Share of positions where llama.cpp's next-token argmax is the HF model's, counting only positions where
-    the HF model's best token leads the runner-up by at least `min_margin` logits."""
-    agree = total = 0
+def top1_agreement(llm, tokenizer, hf_model, min_margin: float = 1.0) -> tuple[float, float]:
+    """Share of positions where llama.cpp's next-token argmax is the HF model's: over all positions, and over
+    the positions where the HF model's best token leads the runner-up by at least `min_margin` logits."""
+    hits, confident = [], []
     for text in PROMPTS:
         ids = tokenizer(text)["input_ids"]
         with torch.no_grad():
@@ -50,10 +50,10 @@ def top1_agreement(llm, tokenizer, hf_model, min_margin: float = 0.0) -> float:
         got = gguf_logits(llm, ids)
         assert np.isfinite(got).all()
         top2 = np.sort(ref, axis=-1)[:, -2:]
-        counted = top2[:, 1] - top2[:, 0] >= min_margin
-        agree += int((got.argmax(-1) == ref.argmax(-1))[counted].sum())
-        total += int(counted.sum())
-    return agree / total
+        hits.append(got.argmax(-1) == ref.argmax(-1))
+        confident.append(top2[:, 1] - top2[:, 0] >= min_margin)
+    hits, confident = np.concatenate(hits), np.concatenate(confident)
+    return float(hits.mean()), float(hits[confident].mean())
 
 
 def gguf_greedy(llm, ids: list[int], n: int) -> list[int]:
@@ -67,7 +67,9 @@ def gguf_greedy(llm, ids: list[int], n: int) -> list[int]:
 
 
 def test_f16_agrees_with_the_merged_model(llm_f16, finetuned, merged16_model):
-    assert top1_agreement(llm_f16, finetuned.tokenizer, merged16_model) >= 0.99
+    overall, _ = top1_agreement(llm_f16, finetuned.tokenizer, merged16_model)
+    print(f"\nf16 GGUF: next-token top-1 agreement with the merged model {overall:.1%}")
+    assert overall >= 0.99
 
 
 def test_f16_greedy_generation_is_identical(llm_f16, finetuned, merged16_model):
@@ -87,13 +89,15 @@ def test_q8_0_agrees_with_the_merged_model(gguf_files, finetuned, merged16_model
     merged model's choice leads by a full logit."""
     llm = open_gguf(gguf_files["q8_0"])
     try:
-        assert top1_agreement(llm, finetuned.tokenizer, merged16_model) >= 0.90
-        assert top1_agreement(llm, finetuned.tokenizer, merged16_model, min_margin=1.0) >= 0.98
+        overall, confident = top1_agreement(llm, finetuned.tokenizer, merged16_model, min_margin=1.0)
     finally:
         llm.close()
+    print(f"\nq8_0 GGUF: top-1 agreement {overall:.1%} overall, {confident:.1%} where the lead is >= 1 logit")
+    assert overall >= 0.90 and confident >= 0.98
 
 
 def test_q4_k_m_loads_and_generates(gguf_files, finetuned):
+    print("\nGGUF sizes (MiB): " + ", ".join(f"{m} {p.stat().st_size / 2**20:.0f}" for m, p in gguf_files.items()))
     # Rows of 576 are not a multiple of k-quants' 256, so llama.cpp falls back to q5_0/q8_0 for most tensors
     # of this model: smaller than q8_0, but not by the usual 40%.
     assert gguf_files["q4_k_m"].stat().st_size < 0.8 * gguf_files["q8_0"].stat().st_size
