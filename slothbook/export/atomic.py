@@ -20,7 +20,7 @@ _SPACE_MARGIN = 1.05
 _SPACE_SLACK_BYTES = 64 << 20
 
 # Files whose presence says "this folder is a model export", which overwrite=True may replace.
-_EXPORT_MARKERS = ("config.json", "adapter_config.json", "Modelfile")
+_EXPORT_MARKERS = ("config.json", "adapter_config.json")
 _EXPORT_SUFFIXES = (".safetensors", ".gguf")
 
 
@@ -49,7 +49,8 @@ def _gib(n: int) -> str:
 
 def _looks_like_export(folder: Path) -> bool:
     names = [p.name for p in folder.iterdir()]
-    return not names or any(n in _EXPORT_MARKERS or n.endswith(_EXPORT_SUFFIXES) for n in names)
+    return not names or any(n in _EXPORT_MARKERS or n.endswith(_EXPORT_SUFFIXES) or n.startswith("Modelfile")
+                            for n in names)
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool, is_dir: bool) -> Path:

@@ -74,8 +74,8 @@ def save_pretrained_gguf(
     quantization_method: one name or a list: "f32", "f16", "bf16", "q8_0" (written directly), or a
     llama.cpp type such as "q4_k_m", "q5_k_m", "q6_k" (needs llama-cpp-python). Aliases: "not_quantized"
     (f16), "fast_quantized" (q8_0), "quantized" (q4_k_m).
-    Files are `model.<METHOD>.gguf`, each with a Modelfile beside it (`Modelfile` when one GGUF is
-    written, `Modelfile.<method>` for each when several). Returns the GGUF paths.
+    Files are `model.<METHOD>.gguf`, each with `Modelfile.<method>` beside it (`ollama create NAME -f
+    Modelfile.q4_k_m`); separate calls for different methods can share a folder. Returns the GGUF paths.
     """
     methods = quantization_methods(quantization_method)
     tokenizer = tokenizer_of(model, tokenizer)
@@ -85,7 +85,7 @@ def save_pretrained_gguf(
     if folder.exists() and not folder.is_dir():
         raise ExportError(f"{folder} is a file; save_pretrained_gguf writes into a folder. Choose another path.")
     targets = {m: folder / gguf_filename(m) for m in methods}
-    modelfiles = {m: folder / ("Modelfile" if len(methods) == 1 else f"Modelfile.{m}") for m in methods}
+    modelfiles = {m: folder / f"Modelfile.{m}" for m in methods}
     for path in [*targets.values(), *modelfiles.values()]:
         check_destination(path, overwrite, is_dir=False)
     if any(m in LLAMA_CPP_TYPES for m in methods):
@@ -93,6 +93,7 @@ def save_pretrained_gguf(
 
     config = base_model_of(model).config
     arch = arch_of(config)
+    vocab = vocab_from_tokenizer(tokenizer, base_model_of(model).get_input_embeddings().weight.shape[0])
     source = _intermediate_type(model)
     n_weights = sum(t.numel for t in merged_tensors(model))
     needed = sum(n_weights * _BITS[m] / 8 for m in methods)
@@ -100,8 +101,6 @@ def save_pretrained_gguf(
         needed += n_weights * 2
     check_free_space(folder, int(needed), "the GGUF export")
     folder.mkdir(parents=True, exist_ok=True)
-
-    vocab = vocab_from_tokenizer(tokenizer, base_model_of(model).get_input_embeddings().weight.shape[0])
     for m in methods:
         if m in DIRECT_TYPES:
             with atomic_file(targets[m]) as tmp:

@@ -68,10 +68,18 @@ def test_gguf_refuses_existing_files_without_overwrite(tiny, tmp_path):
     with pytest.raises(ExportError, match="overwrite=True"):
         save_pretrained_gguf(model, tmp_path, tok, "f16")
     assert (tmp_path / "model.F16.gguf").read_bytes() == b"user data"
-    assert not (tmp_path / "Modelfile").exists()
+    assert not (tmp_path / "Modelfile.f16").exists()
     save_pretrained_gguf(model, tmp_path, tok, "f16", overwrite=True)
     assert (tmp_path / "model.F16.gguf").read_bytes()[:4] == b"GGUF"
-    assert (tmp_path / "Modelfile").read_text().startswith("FROM ./model.F16.gguf")
+    assert (tmp_path / "Modelfile.f16").read_text().startswith("FROM ./model.F16.gguf")
+
+
+def test_separate_gguf_calls_share_a_folder(tiny, tmp_path):
+    model, tok = tiny
+    save_pretrained_gguf(model, tmp_path, tok, "f16")
+    save_pretrained_gguf(model, tmp_path, tok, "q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile.f16", "Modelfile.q8_0", "model.F16.gguf",
+                                                           "model.Q8_0.gguf"]
 
 
 def _fail_after(n, real):
