@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,10 +150,7 @@ class GGUFTensor:
         import gguf
 
         block, type_size = gguf.GGML_QUANT_SIZES[self.qtype]
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n // block * type_size
+        return math.prod(self.shape) // block * type_size
 
     def encode(self):
         import gguf

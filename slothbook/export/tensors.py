@@ -7,6 +7,7 @@ never hold the whole merged state dict in memory.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +21,8 @@ from ..errors import ExportError
 class MergedTensor:
     """One tensor of the merged model, named as in the base model's state dict.
 
-    load() returns the value in fp32 on the CPU; it is computed on each call, so drop it when written.
+    load() returns the value in fp32 on the CPU, computed on each call (drop it once written). An fp32 CPU
+    tensor that needs no merging comes back as the model's own tensor, not a copy: never modify it in place.
     linear: True for the weight of a Linear layer (what 4-bit quantization applies to).
     """
 
@@ -31,10 +33,7 @@ class MergedTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def base_model_of(model) -> nn.Module:
