@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import types
+
+from .export import save_pretrained_gguf, save_pretrained_merged
 from .models.adapters import add_lora
 from .models.embedded import EMBEDDED_ALIAS
 from .models.loader import load_model
@@ -67,6 +70,9 @@ class FastLanguageModel:
             peft_model.max_seq_length = max_seq_length
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         for_training(peft_model)
+        # Unsloth's export methods, on the model: model.save_pretrained_merged(path, tokenizer, save_method=...)
+        peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+        peft_model.save_pretrained_gguf = types.MethodType(save_pretrained_gguf, peft_model)
         return peft_model
 
     for_inference = staticmethod(for_inference)

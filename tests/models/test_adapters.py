@@ -60,3 +60,11 @@ def test_same_random_state_same_adapters():
     b = FastLanguageModel.get_peft_model(FastLanguageModel.from_pretrained("smollm2-135m")[0], r=4, random_state=7)
     name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
     assert torch.equal(dict(a.named_parameters())[name], dict(b.named_parameters())[name])
+
+
+def test_export_methods_are_bound_to_the_peft_model(tmp_path):
+    model, tok = FastLanguageModel.from_pretrained("smollm2-135m", max_seq_length=64)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    out = model.save_pretrained_merged(tmp_path / "lora", tok, save_method="lora")
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert callable(model.save_pretrained_gguf)
