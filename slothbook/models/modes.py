@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 
-def _tokenizer_of(model):
-    return getattr(model, "slothbook_tokenizer", None)
+def _set_mode(model, training: bool):
+    # Training: KV cache off (checkpointing recomputes layers), right padding. Generation: cache on, left padding
+    # so a batch of prompts ends where generation starts.
+    model.train(training)
+    model.config.use_cache = not training
+    tokenizer = getattr(model, "slothbook_tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.padding_side = "right" if training else "left"
+    return model
 
 
 def for_inference(model):
     """Eval mode, KV cache on, left padding for batched generation. Returns the model."""
-    model.eval()
-    model.config.use_cache = True
-    tokenizer = _tokenizer_of(model)
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
-    return model
+    return _set_mode(model, training=False)
 
 
 def for_training(model):
-    """Train mode, KV cache off (checkpointing recomputes layers), right padding. Returns the model."""
-    model.train()
-    model.config.use_cache = False
-    tokenizer = _tokenizer_of(model)
-    if tokenizer is not None:
-        tokenizer.padding_side = "right"
-    return model
+    """Train mode, KV cache off, right padding. Returns the model."""
+    return _set_mode(model, training=True)
