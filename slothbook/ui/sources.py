@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..models.embedded import EMBEDDED_ALIAS
 
-PREVIEW_CHARS = 160
+PREVIEW_CHARS = 100
 
 
 def describe_model(name: str) -> tuple[str, str]:
@@ -52,7 +52,7 @@ def _cell(value) -> str:
     return html.escape(text).replace("\n", "&#8629; ")
 
 
-def preview_html(dataset, shape: str, rows: int = 3) -> str:
+def preview_html(dataset, shape: str, rows: int = 2) -> str:
     """The first rows as an HTML table under one line: shape, row count, columns."""
     columns = list(dataset.column_names)
     head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in columns)
@@ -61,5 +61,5 @@ def preview_html(dataset, shape: str, rows: int = 3) -> str:
                    for row in dataset.select(range(min(rows, len(dataset)))))
     return (f"<div><b>format: {html.escape(shape)}</b> &middot; {len(dataset):,} rows &middot; columns: "
             f"{html.escape(', '.join(columns))}</div>"
-            f"<div style='max-height:180px;overflow:auto;font-size:12px'><table>{head and '<tr>' + head + '</tr>'}"
+            f"<div style='max-height:120px;overflow:auto;font-size:11px;line-height:1.3'><table>{head and '<tr>' + head + '</tr>'}"
             f"{body}</table></div>")

@@ -112,7 +112,7 @@ class Studio:
         self.device_box = w.Dropdown(options=device_choices(), layout=full)
         self.data_kind = w.ToggleButtons(options=[("bundled demo", "demo"), ("upload", "upload"),
                                                   ("path or hub id", "path")], value="demo",
-                                         style={"button_width": "130px"})
+                                         style={"button_width": "125px"})
         self.upload = w.FileUpload(accept=".jsonl,.json,.csv,.parquet", multiple=False, description="Upload")
         self.data_path = w.Text(placeholder="data/train.jsonl or owner/dataset", layout=w.Layout(width="330px"))
         self.data_load = w.Button(description="Load", layout=w.Layout(width="80px"))
@@ -136,9 +136,10 @@ class Studio:
         self.offload = w.Checkbox(value=offload, description="offload activations", indent=False)
         self.responses_only = w.Checkbox(value=d.responses_only, description="train on responses only",
                                          indent=False)
-        self.chat_template = w.Dropdown(options=[("none: the text field as is", None)] + [(n, n) for n in TEMPLATES],
-                                        value=d.chat_template, description="chat template", layout=w.Layout(width="320px"),
-                                        style=style)
+        # "" stands for no template: a Dropdown cannot show None as a selected value.
+        self.chat_template = w.Dropdown(options=[("none: use the text field as it is", "")] +
+                                        [(n, n) for n in TEMPLATES], value=d.chat_template or "",
+                                        description="chat template", layout=w.Layout(width="380px"), style=style)
 
         self.estimate_button = w.Button(description="Estimate", icon="calculator", tooltip="memory before loading")
         self.train_button = w.Button(description="Train", icon="play", button_style="success")
@@ -172,7 +173,7 @@ class Studio:
             _row("Device", self.device_box),
             _row("Dataset", self.data_kind), _row("", data_line),
             _row("Text field", self.text_field),
-        ], layout=w.Layout(width="560px"))
+        ], layout=w.Layout(width="600px"))
         right = w.VBox([
             w.HTML("<b>Hyperparameters</b>"),
             w.GridBox([self.r, self.lora_alpha, self.lr, self.steps, self.max_seq_length, self.batch_size],
@@ -180,7 +181,7 @@ class Studio:
             w.HBox([self.load_in_4bit, self.offload]), self.chat_template, self.responses_only,
         ])
         self.panel = w.VBox([
-            w.HTML("<h3 style='margin:4px 0'>&#129445; slothbook Studio</h3>"),
+            w.HTML("<h3 style='margin:4px 0'>slothbook Studio</h3>"),
             w.HBox([left, right]),
             self.data_preview,
             w.HBox([self.estimate_button, self.train_button, self.stop_button]),
@@ -203,7 +204,10 @@ class Studio:
         self.export_button.on_click(lambda _: self._guarded(self.export))
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.panel._repr_mimebundle_(**kwargs)
+        bundle = self.panel._repr_mimebundle_(**kwargs)
+        # What a saved notebook shows where widgets are not rendered (GitHub), instead of a widget repr.
+        bundle["text/plain"] = "slothbook Studio (a live panel: run the notebook to use it)"
+        return bundle
 
     # ---- feedback -----------------------------------------------------------------------------------------
 
@@ -267,7 +271,7 @@ class Studio:
         """The FinetuneConfig the panel describes now."""
         return FinetuneConfig.from_dict(dict(
             model=self.model_box.value.strip() or EMBEDDED_ALIAS, dataset=self._dataset_source or None,
-            text_field=self.text_field.value, chat_template=self.chat_template.value,
+            text_field=self.text_field.value, chat_template=self.chat_template.value or None,
             responses_only=self.responses_only.value, max_seq_length=self.max_seq_length.value,
             steps=self.steps.value, batch_size=self.batch_size.value, r=self.r.value,
             lora_alpha=self.lora_alpha.value, lr=self.lr.value, load_in_4bit=self.load_in_4bit.value,

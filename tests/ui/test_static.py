@@ -18,3 +18,8 @@ def test_bundle_has_png_and_plotly_json():
     assert base64.b64decode(bundle["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
     assert bundle[PLOTLY_MIME]["data"][0]["y"] == [2, 1, 3]
     assert bundle["text/plain"] == "<three points>" and "text/html" not in bundle
+
+
+def test_a_render_past_its_deadline_gives_no_png_instead_of_hanging():
+    fig = go.Figure(go.Scatter(x=[1, 2], y=[1, 2]))
+    assert png_bytes(fig, 200, 150, timeout_s=0.001) is None
