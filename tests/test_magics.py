@@ -129,7 +129,7 @@ def test_estimate_shows_table_chart_and_whether_it_fits(kernel):
 
     outputs = kernel.run("%slothbook estimate seq=65536 batch=8 4bit=no offload=no gpu=1")
     shown = text(outputs)
-    assert "Will not fit" in shown and "of a 1 GiB GPU" in shown and "What fits: seq_len" in shown
+    assert "Will not fit" in shown and "exceeds a 1 GiB GPU" in shown and "What fits: seq_len" in shown
 
 
 @pytest.fixture(scope="module")

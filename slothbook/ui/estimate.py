@@ -20,7 +20,7 @@ GIB = 2**30
 class Target:
     """Where the step would run: the budget in bytes and how the estimator should model it."""
 
-    label: str  # completes "the 24 GiB ...": "of a 24 GiB GPU", "free on cuda:0", "available on the CPU"
+    label: str  # "a 24 GiB GPU", "the 7.10 GiB free on cuda:0", "the 19.70 GiB available on the CPU"
     budget: int
     dtype: str
     implementation: str  # "kernels" on a GPU, "hf" (transformers' own modules) on the CPU
@@ -34,15 +34,16 @@ def resolve_target(device: str | None = None, gpu_memory_gib: float | None = Non
     if gpu_memory_gib is not None:
         if gpu_memory_gib <= 0:
             raise ConfigError(f"gpu memory must be a positive number of GiB, got {gpu_memory_gib}.")
-        return Target(f"of a {gpu_memory_gib:g} GiB GPU", int(gpu_memory_gib * GIB), dtype or "bf16", "kernels", False)
+        return Target(f"a {gpu_memory_gib:g} GiB GPU", int(gpu_memory_gib * GIB), dtype or "bf16", "kernels", False)
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    budget = free_bytes(device)
     if device == "cpu":
-        return Target("available on the CPU", free_bytes("cpu"), dtype or "fp32", "hf", True)
+        return Target(f"the {format_bytes(budget)} available on the CPU", budget, dtype or "fp32", "hf", True)
     index = int(device.split(":")[1]) if ":" in device else 0
     bf16 = torch.cuda.get_device_capability(index)[0] >= 8
-    return Target(f"free on {device}", free_bytes(device), dtype or ("bf16" if bf16 else "fp16"), "kernels",
-                  False)
+    return Target(f"the {format_bytes(budget)} free on {device}", budget, dtype or ("bf16" if bf16 else "fp16"),
+                  "kernels", False)
 
 
 def plan(model: str, seq_len: int, batch_size: int = 1, r: int = 16, load_in_4bit: bool = True,
@@ -69,8 +70,7 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
     """(fits, a sentence saying so; when it does not, what would fit instead)."""
     budget = target.budget
     if est.fits(budget):
-        return True, (f"Fits: predicted peak {format_bytes(est.total)} of the {format_bytes(budget)} {target.label} "
-                      f"({est.total / budget:.0%}).")
+        return True, f"Fits: predicted peak {format_bytes(est.total)}, {est.total / budget:.0%} of {target.label}."
     s = est.settings
     fit = max_fit(model, budget, seq_len=s["seq_len"], batch_size=s["batch_size"], r=s["r"],
                   load_in_4bit=s["load_in_4bit"], checkpointing=s["checkpointing"], optimizer=s["optimizer"],
@@ -80,8 +80,7 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
         hints.append("offload activations")
     advice = f" What fits: {fit}." if fit.seq_len or fit.batch_size else " Not even the shortest sequence fits."
     more = f" Or {' and '.join(hints)}." if hints else ""
-    return False, (f"Will not fit: predicted peak {format_bytes(est.total)} exceeds the {format_bytes(budget)} "
-                   f"{target.label}.{advice}{more}")
+    return False, f"Will not fit: predicted peak {format_bytes(est.total)} exceeds {target.label}.{advice}{more}"
 
 
 def display_estimate(est: Estimate, fits: bool, sentence: str) -> None:

@@ -2,9 +2,9 @@
 
     python tests/notebooks/execute.py [NAME ...]     # default: every notebook
 
-Run it after editing a notebook so the outputs GitHub shows are real. Widget state is not saved: the live
-figure's state carries plotly.js (megabytes), and GitHub renders no widgets anyway; finished figures are saved as
-images by the code that shows them. Prints how long each took.
+Run it after editing a notebook so the outputs GitHub shows are real. Widget state is dropped before saving: the
+live figure's state carries plotly.js (megabytes) and GitHub renders no widgets anyway; finished figures are saved
+as images by the code that shows them. Prints how long each took.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 
 def execute(path: Path, timeout: int = 900) -> float:
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, store_widget_state=False,
+    # nbclient's Output-widget capture needs the widget state kept while it runs.
+    client = NotebookClient(nb, kernel_name="python3", timeout=timeout, store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start
+    nb.metadata.pop("widgets", None)
     nbformat.write(nb, str(path))
     return seconds
 

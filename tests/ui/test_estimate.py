@@ -13,6 +13,7 @@ def test_targets_a_gpu_size_or_this_machine():
     assert (gpu.budget, gpu.implementation, gpu.dtype, gpu.cpu) == (24 * 2**30, "kernels", "bf16", False)
     cpu = resolve_target(device="cpu")
     assert (cpu.implementation, cpu.dtype, cpu.cpu) == ("hf", "fp32", True) and cpu.budget > 0
+    assert cpu.label.startswith("the ") and cpu.label.endswith(" available on the CPU")
     with pytest.raises(ConfigError, match="positive"):
         resolve_target(gpu_memory_gib=0)
 
@@ -26,7 +27,7 @@ def test_verdict_fits_or_says_what_would(embedded_dir):
 
     big = resolve_target(gpu_memory_gib=80)
     fits, sentence = verdict(plan("smollm2-135m", 512, target=big), big, "smollm2-135m")
-    assert fits and sentence.startswith("Fits: predicted peak") and "of a 80 GiB GPU" in sentence
+    assert fits and sentence.startswith("Fits: predicted peak") and "% of a 80 GiB GPU." in sentence
 
 
 def test_table_lists_categories_and_the_peak(embedded_dir):
