@@ -85,6 +85,12 @@ def _no_traceback(message: str) -> None:
     assert "Traceback" not in message and "---->" not in message, message
 
 
+def test_the_kernel_is_this_interpreter(kernel):
+    import sys
+
+    assert kernel.value("__import__('sys').executable") == sys.executable
+
+
 def test_question_mark_and_help_show_the_same_documentation(kernel):
     printed = stream(kernel.run("%slothbook --help"), "stdout")
     assert printed.strip() == usage().strip()
