@@ -89,6 +89,9 @@ def test_activations_grow_with_sequence_length(model16, adamw, run_steps):
 
 
 def test_exact_mode_sees_backward_working_set(model16, adamw, run_steps):
+    import gc
+
+    gc.collect()  # garbage of earlier tests freed mid-measurement would show up in the exact tracker's counts
     opt = adamw(model16)
     with MemoryProfiler(model16, opt, cpu_mode="exact") as exact:
         run_steps(model16, opt, seq_len=4 * SEQ, steps=2, profiler=exact)
