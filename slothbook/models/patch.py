@@ -39,6 +39,7 @@ from slothbook.kernels.rope import apply_rope
 from slothbook.kernels.swiglu import geglu, swiglu
 
 from ..errors import DeviceError
+from ..forwards import patch_forward, patched_over, unpatch_forward
 from .families import Family, family_of
 
 log = logging.getLogger("slothbook")
@@ -109,16 +110,11 @@ def unpatch(model: nn.Module) -> int:
         saved = module.__dict__.get(_SAVED)
         if saved is None:
             continue
-        before, ours = saved
-        if module.__dict__.get("forward") is not ours:
+        if patched_over(module, _SAVED):
             log.warning("slothbook: %s (%s) was wrapped after the kernels were patched in; left as it is",
                         name or "model", type(module).__name__)
             continue
-        del module.__dict__[_SAVED]
-        if before is None:
-            del module.__dict__["forward"]
-        else:
-            module.forward = before
+        unpatch_forward(module, _SAVED)
         restored += 1
     return restored
 
@@ -128,9 +124,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def _replace_forward(module: nn.Module, forward) -> None:
-    ours = types.MethodType(forward, module)
-    module.__dict__[_SAVED] = (module.__dict__.get("forward"), ours)
-    module.forward = ours
+    patch_forward(module, _SAVED, types.MethodType(forward, module))
 
 
 # ---------------------------------------------------------------- LoRA layers

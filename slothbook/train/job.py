@@ -6,54 +6,14 @@ their own callbacks (the profiler among them): this layer does not know who watc
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..atomic import atomic_dir
 from ..errors import ConfigError, DatasetError
+from .config import FinetuneConfig
 from .sft import TrainArgs, build_trainer
-
-
-@dataclass
-class FinetuneConfig:
-    model: str = "smollm2-135m"
-    dataset: str | None = None  # None: the bundled demo dataset
-    text_field: str = "text"
-    chat_template: str | None = None
-    responses_only: bool = False
-    max_seq_length: int = 256
-    steps: int = 60
-    batch_size: int = 4
-    grad_accum: int = 1
-    r: int = 16
-    lora_alpha: int = 16
-    lr: float = 2e-4
-    load_in_4bit: bool = True
-    gradient_checkpointing: str | bool = True
-    dtype: str | None = None
-    output: str | None = None  # None: outputs/run-<time>
-    overwrite: bool = False
-    seed: int = 3407
-    logging_steps: int = 5
-    save_steps: int = 0
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "FinetuneConfig":
-        """Build from a mapping (a YAML cell, a widget), naming any unknown key."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        values = {k.replace("-", "_"): v for k, v in (values or {}).items()}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"Unknown configuration key(s): {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
-        return cls(**values)
-
-    def output_dir(self) -> Path:
-        return Path(self.output or Path("outputs") / time.strftime("run-%Y%m%d-%H%M%S"))
 
 
 @dataclass
@@ -135,19 +95,8 @@ def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite and any(path.iterdir()):
         raise ConfigError(f"{path} already exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}-old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path

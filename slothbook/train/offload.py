@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import TrainingError, UnsupportedArchitectureError
+from ..forwards import patch_forward, unpatch_forward
 
 _POOLS: "weakref.WeakSet[PinnedPool]" = weakref.WeakSet()
 _PATCH_KEY = "_slothbook_checkpoint"
@@ -287,27 +288,6 @@ def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"Could not find the decoder layers of {type(base).__name__}. Use use_gradient_checkpointing=True "
             "(plain checkpointing) for this model, or report the architecture.")
     return max(candidates, key=len)
-
-
-def patch_forward(module: nn.Module, key: str, forward) -> None:
-    """Replace `module.forward` on the instance, remembering what was there (for `unpatch_forward`)."""
-    if key in module.__dict__:
-        raise RuntimeError(f"{type(module).__name__}.forward is already patched under {key}")
-    had_own = "forward" in module.__dict__
-    module.__dict__[key] = (had_own, module.__dict__.get("forward"))
-    module.forward = forward
-
-
-def unpatch_forward(module: nn.Module, key: str) -> bool:
-    saved = module.__dict__.pop(key, None)
-    if saved is None:
-        return False
-    had_own, forward = saved
-    if had_own:
-        module.forward = forward
-    else:
-        module.__dict__.pop("forward", None)
-    return True
 
 
 def _split_hidden(args: tuple, kwargs: dict):

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .offload import ReplayState, find_decoder_layers, grads_of, patch_forward, unpatch_forward
+from ..forwards import patch_forward, unpatch_forward
+from .offload import ReplayState, find_decoder_layers, grads_of
 
 _PATCH_KEY = "_slothbook_tiled_mlp"
 
