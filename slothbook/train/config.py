@@ -32,6 +32,8 @@ class FinetuneConfig:
     seed: int = 3407
     logging_steps: int = 5
     save_steps: int = 0
+    resume: bool | str = False  # True: the latest checkpoint under <output>/checkpoints; a path: that checkpoint
+    max_bad_steps: int = 5  # NaN/inf steps in a row (each skipped) before training stops with a TrainingError
     extra: dict = field(default_factory=dict)
 
     @classmethod
