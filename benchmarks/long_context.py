@@ -14,6 +14,9 @@ Per contender and config ("qlora", "lora16") it measures
   memory    peak allocated GPU memory and pinned host memory of one step at --memory-seq tokens
   search    the longest sequence whose step completes: --search-start, then +--search-step up to --max-seq,
             stopping at the first failure or when the time budget is spent
+  check     one step at each of --check-seqs (ascending, stopping at the first failure): its time, peak GPU
+            memory and pinned host memory; max_seq_len is the longest that completed. At 350K tokens a step of
+            the 8B model takes minutes, so a 4K-step search up there does not fit a device session.
 
   python benchmarks/long_context.py --contenders slothbook --configs qlora --append   # one piece, <= 9 min
   python benchmarks/long_context.py --budget-s 7200                 # everything at once (over an hour)
@@ -70,6 +73,7 @@ def main(argv=None) -> None:
             spec = dict(contender=contender, config=config, tiny=args.tiny, phases=args.phases,
                         time_seq=args.time_seq, memory_seq=args.memory_seq, search_start=args.search_start,
                         search_step=args.search_step, max_seq=args.max_seq, steps=args.steps,
+                        check_seqs=sorted(args.check_seqs),
                         chunk_tokens=args.chunk_tokens, workdir=args.workdir, budget_s=left - 20)
             result = run_worker(spec, timeout=left)
             rows += result.get("rows", [])
@@ -83,7 +87,10 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
-    p.add_argument("--phases", nargs="+", default=["time", "memory", "search"], choices=["time", "memory", "search"])
+    p.add_argument("--phases", nargs="+", default=["time", "memory", "search"],
+                   choices=["time", "memory", "search", "check"])
+    p.add_argument("--check-seqs", nargs="+", type=int, default=None,
+                   help="lengths for the check phase (default 131072 262144 352256; --tiny: 64 128)")
     p.add_argument("--time-seq", type=int, default=16384)
     p.add_argument("--memory-seq", type=int, default=32768)
     p.add_argument("--search-start", type=int, default=8192)
@@ -100,6 +107,7 @@ def parse_args(argv):
     p.add_argument("--tiny", action="store_true", help="tiny model, short sequences, one search step (CPU smoke)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.check_seqs = args.check_seqs or ([64, 128] if args.tiny else [131072, 262144, 352256])
     if args.tiny:
         args.time_seq, args.memory_seq, args.search_start, args.search_step, args.max_seq = 64, 96, 128, 64, 128
         args.steps = 1
@@ -222,6 +230,20 @@ def worker(spec: dict) -> None:
             best, seq = seq, seq + spec["search_step"]
         rows.append({"benchmark": "max_seq_len", "contender": contender, "config": f"{config} search",
                      "metric": "max_seq_len", "value": best, "unit": "tokens"})
+        emit()
+    if "check" in spec["phases"]:
+        best = 0
+        for seq in spec["check_seqs"]:
+            print(f"{contender} {config}: one step at {seq} tokens", file=sys.stderr, flush=True)
+            measured = run.one_step(seq, notes)
+            if measured is None:
+                break
+            best = seq
+            for metric, value, unit in zip(("time_ms", "peak_alloc_gib", "pinned_gib"), measured, ("ms", "GiB", "GiB")):
+                row("long_step", seq, metric, value, unit)
+            emit()
+        rows.append({"benchmark": "max_seq_len", "contender": contender, "config": f"{config} checked",
+                     "metric": "max_seq_len", "value": best, "unit": "tokens"})
     emit()
 
 
@@ -285,6 +307,23 @@ class Run:
             return None, None
         peak = torch.cuda.max_memory_allocated(self.device) / GIB
         return round(peak, 3), round(pinned_bytes() / GIB, 3)
+
+    def one_step(self, seq: int, notes: list):
+        """(time_ms, peak GiB, pinned GiB) of one step from a cold start (the first at this length: it includes
+        growing the pinned pool), or None when it fails; no memory statistics on the CPU."""
+        import torch
+
+        release(self.device)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        if not self.guarded(seq, notes, "check"):
+            return None
+        ms = round((time.perf_counter() - start) * 1000, 1)
+        if not cuda:
+            return ms, None, None
+        return ms, round(torch.cuda.max_memory_allocated(self.device) / GIB, 3), round(pinned_bytes() / GIB, 3)
 
     def step_fits(self, seq: int, notes: list) -> bool:
         release(self.device)

@@ -55,9 +55,12 @@ class PoolStats:
 class PinnedPool:
     """Host buffers for saved layer inputs, reused from step to step.
 
-    Sizes are rounded up to a power of two, which is what torch's pinned allocator reserves anyway, so
-    `capacity` is the real footprint. When nothing free is large enough the pool replaces a smaller free
-    buffer instead of keeping both: a longer sequence grows it once, equal or shorter ones reuse it.
+    Small buffers are rounded up to a power of two, which is what torch's pinned allocator reserves anyway.
+    Large ones (long contexts: 32 layers x 350K tokens x 8 KiB is ~92 GB) would waste up to half the host's
+    memory that way, so above `_EXACT_FROM` they are ordinary host memory page-locked in place with
+    cudaHostRegister, sized in 1/16-octave steps (<= 6.25% slack). `capacity` is the real footprint either way.
+    When nothing free is large enough the pool replaces a smaller free buffer instead of keeping both: a longer
+    sequence grows it once, equal or shorter ones reuse it.
     `pin=False` gives ordinary memory through the same code (CPU-only machines, tests).
     """
 
@@ -87,6 +90,8 @@ class PinnedPool:
             if self._free:  # every free buffer is too small: swap the smallest for a larger one
                 small = min(self._free, key=torch.Tensor.numel)
                 self._free.remove(small)
+                if self.pin and torch.cuda.is_available():
+                    torch.cuda.synchronize()  # a prefetch may still be reading it (rare: only when growing)
                 self._capacity -= small.numel()
                 self._buffers -= 1
             buffer = self._allocate(_size_class(nbytes))
@@ -101,7 +106,7 @@ class PinnedPool:
 
     def _allocate(self, size: int) -> torch.Tensor:
         try:
-            buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+            buffer = _pinned(size) if self.pin else torch.empty(size, dtype=torch.uint8)
         except RuntimeError as exc:  # locked-memory limit (ulimit -l) in some containers
             warnings.warn(f"Could not pin {size} bytes of host memory ({exc}); offloading to pageable memory, "
                           "which makes the copies synchronous. Raise `ulimit -l` to restore the overlap.")
@@ -113,8 +118,30 @@ class PinnedPool:
         return buffer
 
 
+_EXACT_FROM = 64 << 20  # bytes; below: torch's caching pinned allocator (power-of-two blocks)
+_STEPS_PER_OCTAVE = 16
+
+
 def _size_class(nbytes: int) -> int:
-    return 1 << max(nbytes - 1, 0).bit_length()
+    power = 1 << max(nbytes - 1, 0).bit_length()
+    if power <= _EXACT_FROM:
+        return power
+    step = power // (2 * _STEPS_PER_OCTAVE)
+    return -(-nbytes // step) * step
+
+
+def _pinned(size: int) -> torch.Tensor:
+    """`size` page-locked bytes: from torch's caching allocator when small, registered in place when large."""
+    if size <= _EXACT_FROM:
+        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
+    buffer = torch.empty(size, dtype=torch.uint8)
+    cudart = torch.cuda.cudart()
+    err = int(cudart.cudaHostRegister(buffer.data_ptr(), size, 0))
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {err}")
+    # Unpin when the pool drops the buffer (its storage is freed right after this runs).
+    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    return buffer
 
 
 def offloaded_bytes() -> int:

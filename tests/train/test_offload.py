@@ -333,3 +333,31 @@ def test_cuda_memory_flat_over_ten_steps_and_grows_once_for_longer_sequences(gpu
     assert longer[2].allocations == first[2].allocations + 3  # one new buffer per layer, once
     assert longer[2].capacity == 4 * first[2].capacity and longer[2].buffers == 3
     assert step(2048)[1:] == longer[1:] and step(1024)[2] == longer[2]
+
+
+def test_large_buffers_are_sized_in_small_steps_not_powers_of_two():
+    from slothbook.train.offload import _EXACT_FROM, _size_class
+
+    assert _size_class(3000) == 4096 and _size_class(_EXACT_FROM) == _EXACT_FROM
+    sizes = [_EXACT_FROM + 1, 3 * 10**8, 2_885_681_152, 2**32 + 5]  # the last but one: 352K tokens x 4096 x bf16
+    for n in sizes:
+        got = _size_class(n)
+        assert n <= got <= n * 1.0625, (n, got)
+    assert _size_class(2_885_681_152) < 2**32 * 0.75  # a power of two would have reserved 4 GiB
+    assert [_size_class(n) for n in sorted(sizes)] == sorted(_size_class(n) for n in sizes)
+
+
+@pytest.mark.gpu
+def test_a_large_buffer_is_page_locked_in_place_and_copies_asynchronously():
+    pool = PinnedPool()
+    nbytes = (64 << 20) + 12345
+    buffer = pool.acquire(nbytes)
+    assert buffer.numel() < 2 * nbytes and buffer.is_pinned()
+    src = torch.arange(nbytes, dtype=torch.uint8, device="cuda")
+    buffer[:nbytes].copy_(src, non_blocking=True)
+    back = buffer[:nbytes].to("cuda", non_blocking=True)
+    assert torch.equal(back, src)
+    pool.release(buffer)
+    del buffer
+    pool.release(pool.acquire(4 * nbytes))  # grows: the old registered buffer is dropped and unregistered
+    assert pool.stats().buffers == 1
