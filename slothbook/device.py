@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,44 @@ def list_devices() -> list[DeviceInfo]:
 
 def bf16_supported() -> bool:
     # Ampere (8.0) and newer do bf16 natively; emulated bf16 on older cards is slow, so it counts as missing.
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if not torch.cuda.is_available():
+        return False
+    # Under a multi-process launch every rank must choose the same dtype: bf16 only when every GPU here has it.
+    devices = range(torch.cuda.device_count()) if world_size() > 1 else [torch.cuda.current_device()]
+    return all(torch.cuda.get_device_capability(i)[0] >= 8 for i in devices)
+
+
+# ---- multi-process launches (torchrun, accelerate launch, slothbook.launch) set these variables
+
+def world_size() -> int:
+    """How many processes train together (1 unless torchrun or accelerate launched this one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's index on its machine: the GPU it trains on."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def fsdp_requested() -> bool:
+    """`accelerate launch` with an FSDP config says so in the environment before the model loads."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def training_device() -> int | str:
+    """Where this process loads its model: the CPU, the current GPU, or under a multi-process launch the GPU of its
+    local rank, which is also made current so that Triton kernels, bitsandbytes and CUDA streams run there."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    if world_size() <= 1:
+        return torch.cuda.current_device()
+    rank, count = local_rank(), torch.cuda.device_count()
+    if rank >= count:
+        raise DeviceError(f"This process has LOCAL_RANK {rank}, but only {count} GPU(s) are visible to it. Start at "
+                          f"most {count} process(es) per machine (torchrun --nproc-per-node {count}), or check "
+                          "CUDA_VISIBLE_DEVICES.")
+    torch.cuda.set_device(rank)
+    return rank
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..device import resolve_dtype
+from ..device import fsdp_requested, resolve_dtype, training_device
 from ..errors import ConfigError, ModelNotFoundError
 from .embedded import EMBEDDED_ALIAS, embedded_model_dir, gguf_to_folder
 from .families import family_of
@@ -97,13 +97,13 @@ def load_model(
     family = family_of(config)
     apply_rope_scaling(config, max_seq_length, rope_scaling)
     if device_map is None:
-        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        device_map = {"": training_device()}  # under torchrun / accelerate launch: this rank's own GPU
     kwargs.setdefault("attn_implementation", family.attention)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         config=config,
         dtype=dtype,
-        quantization_config=quantization_config(load_in_4bit, load_in_8bit, dtype),
+        quantization_config=quantization_config(load_in_4bit, load_in_8bit, dtype, shardable=fsdp_requested()),
         device_map=device_map,
         token=token,
         trust_remote_code=trust_remote_code,

@@ -44,6 +44,11 @@ from .families import Family, family_of
 
 log = logging.getLogger("slothbook")
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without torch.distributed
+    _DTensor = None
+
 _SAVED = "_slothbook_kernel_forward"  # module.__dict__ entry: (forward before patching, ours)
 
 # transformers' activation names -> the gated kernels (lora_mlp's names); others keep the MLP's own forward.
@@ -143,7 +148,7 @@ def lora_parts(module: nn.Module) -> tuple[LoRAProjection, torch.Tensor | None] 
              and not getattr(module, "use_dora", {}).get(name, False) and not getattr(module, "fan_in_fan_out", False)
              and type(a) is nn.Linear and type(b) is nn.Linear and a.bias is None and b.bias is None)
     weight = _frozen_base_weight(base) if plain else None
-    if weight is None:
+    if weight is None or _sharded(a.weight) or _sharded(b.weight):
         return None
     return LoRAProjection(weight, a.weight, b.weight, module.scaling[name]), base.bias
 
@@ -151,9 +156,11 @@ def lora_parts(module: nn.Module) -> tuple[LoRAProjection, torch.Tensor | None] 
 def _frozen_base_weight(base: nn.Module):
     """The base Linear's weight as the LoRA kernels take it: a tensor, an NF4Weight, or None (unsupported)."""
     weight = getattr(base, "weight", None)
-    if weight is None or weight.requires_grad:
+    if weight is None or weight.requires_grad or _sharded(weight):
         return None
     state = getattr(weight, "quant_state", None)
+    if state is None:  # FSDP2 gathers a Params4bit back as a plain Parameter; bitsandbytes keeps the state on the layer
+        state = getattr(base, "quant_state", None)
     if state is not None:
         # bitsandbytes repacks CPU weights for its own inference kernel (packing_format_for_cpu): not NF4 any more.
         if state.quant_type != "nf4" or getattr(state, "packing_format_for_cpu", False):
@@ -331,7 +338,13 @@ def _causal_lm_forward(model: nn.Module):
 
 def _plain_head(head) -> bool:
     """The fused loss reads the head's weight directly: only an ordinary Linear (not LoRA, not quantized)."""
-    return type(head) is nn.Linear and head.weight.is_floating_point()
+    return type(head) is nn.Linear and head.weight.is_floating_point() and not _sharded(head.weight)
+
+
+def _sharded(weight) -> bool:
+    """An FSDP2 shard (a DTensor): its module is not gathered now, so the kernels leave it to the module's own forward,
+    whose FSDP hook gathers it (LoRA layers are FSDP units of their own)."""
+    return _DTensor is not None and isinstance(weight, _DTensor)
 
 
 def _causal_lm_output(loss, outputs, return_dict):

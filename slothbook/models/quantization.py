@@ -16,7 +16,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 SKIP_MODULES = ["lm_head"]
 
 
-def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype):
+def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dtype, shardable: bool = False):
+    """shardable: store the packed 4-bit codes in `dtype` instead of uint8, so that FSDP can shard them beside the
+    16-bit weights (it shards floating-point tensors only) and all-gather them in one dtype."""
     if load_in_4bit and load_in_8bit:
         raise ConfigError("load_in_4bit and load_in_8bit were both set; choose one (4-bit is the usual QLoRA choice).")
     if not (load_in_4bit or load_in_8bit):
@@ -32,7 +34,7 @@ def quantization_config(load_in_4bit: bool, load_in_8bit: bool, dtype: torch.dty
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
             llm_int8_skip_modules=SKIP_MODULES,
         )
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=SKIP_MODULES)
