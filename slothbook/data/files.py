@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,13 +53,76 @@ def _load_file(path: Path, split: str | None):
         raise DatasetError(f"Cannot read {path}: permission denied. Fix its permissions or copy it somewhere readable.")
     if path.stat().st_size == 0 or not path.read_bytes()[:65536].strip():
         raise DatasetError(f"The dataset file {path} is empty. Add examples or pick another file.")
+    if path.suffix.lower() in _TEXT_SUFFIXES:
+        check_utf8(path)
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), split=split or "train")
     except Exception as exc:  # datasets wraps parse errors in several exception types
+        culprit = find_bad_row(path)  # datasets' own messages count rows per block: find the real line
+        if culprit:
+            raise DatasetError(f"Could not read {path} as {builder.upper()}: {culprit} Fix or remove that row and "
+                               "load again.") from exc
         cause = exc.__cause__ or exc
         raise DatasetError(f"Could not read {path} as {builder.upper()}: {type(cause).__name__}: {cause}. "
                            "Check that every line/row is well formed.") from exc
     return _nonempty(dataset, str(path))
+
+
+_TEXT_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def check_utf8(path: Path) -> None:
+    """DatasetError naming the line and byte offset of the first byte of `path` that is not UTF-8.
+
+    Checked before reading: Arrow's JSON reader accepts such bytes and fails only when a row is used."""
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(f"{path}, line {number}: byte {offset + exc.start} (0x{raw[exc.start]:02x}) is "
+                                   "not UTF-8 text. Save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 "
+                                   f"{path.name}).") from None
+            offset += len(raw)
+
+
+def find_bad_row(path: Path) -> str | None:
+    """Where a UTF-8 JSON/JSON Lines file stops parsing, as a sentence naming the line: a JSON Lines row
+    that is not a JSON object, or the position where a JSON document breaks. None when none is found."""
+    suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json"):
+        return None
+    text = path.read_text(encoding="utf-8")
+    if suffix == ".json" and not _first_line_is_object(text):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"line {exc.lineno}, column {exc.colno} is not valid JSON ({exc.msg})."
+        return None
+    return _bad_json_line(path, text)
+
+
+def _first_line_is_object(text: str) -> bool:
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _bad_json_line(path: Path, text: str) -> str | None:
+    """The first JSON Lines row that is not a JSON object."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return f"line {number} is not valid JSON (column {exc.colno}: {exc.msg})."
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object of column: value pairs."
+    return None
 
 
 def _load_folder(path: Path, split: str | None):
