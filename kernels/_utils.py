@@ -7,7 +7,7 @@ Stable API (other kernel files import these):
 - ``row_block_size(n_cols)``: next power of two >= ``n_cols``, checked against ``MAX_FUSED_SIZE``.
 - ``num_warps_for(block_size)``: warps for a program that works on ``block_size`` elements at a time.
 - ``row_launch_config(n_cols)``: ``(BLOCK_SIZE, num_warps)`` for a kernel that keeps one whole row in registers.
-- ``num_programs_for(device, n_rows)``: how many persistent programs to start for a row loop (SM count on a GPU).
+- ``num_programs_for(device, n_rows, per_sm=1)``: persistent programs for a row loop (``per_sm`` x SM count on a GPU).
 - ``as_rows(x)``: a 2-D ``[rows, last_dim]`` view of ``x`` with unit stride along the last dim (copies only if needed).
 - ``writable_rows(out)``: a ``[rows, last_dim]`` VIEW of ``out`` (unit last stride) or None when no such view exists.
 - ``check_out(out, like, name)``: validates a caller-provided output buffer (same shape, dtype, device).
@@ -66,10 +66,11 @@ def row_launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps_for(block)
 
 
-def num_programs_for(device: torch.device, n_rows: int) -> int:
-    """Programs for a persistent row loop: one per SM on a GPU, a few in the interpreter, never more than rows."""
+def num_programs_for(device: torch.device, n_rows: int, per_sm: int = 1) -> int:
+    """Programs for a persistent row loop: ``per_sm`` per SM on a GPU, a few in the interpreter, never more than
+    rows."""
     if device.type == "cuda" and not is_interpret():
-        n = torch.cuda.get_device_properties(device).multi_processor_count
+        n = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         n = _CPU_PROGRAMS
     return max(1, min(n, n_rows))

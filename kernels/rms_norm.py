@@ -10,13 +10,17 @@ input dtype and the output has the input's dtype. Two casting conventions match 
 ``casting=None`` picks ``"gemma"`` when ``offset != 0`` and ``"llama"`` otherwise. Unlike HF with an fp32 weight
 and a bf16 input (which returns fp32), the output is always in the input dtype.
 
-Forward saves the input, the weight and one fp32 inverse RMS per row. Backward computes the weight gradient
-without atomics: a grid of persistent programs (one per SM) each sums its rows into its own fp32 row of a
-``[programs, hidden]`` buffer, which one ``sum`` reduces. It is skipped when the weight needs no gradient
-(frozen norms in LoRA training).
+Forward saves the input, the weight and one fp32 inverse RMS per row. Backward is a persistent grid (two
+programs per SM): each program walks a contiguous run of rows in tiles of ``block_rows`` rows, writes dx per row,
+prefetches the next tile while it reduces the current one, and accumulates its share of the weight gradient in
+fp32 registers. Each program writes its partial once into a ``[programs, hidden]`` fp32 buffer, which one ``sum``
+reduces: no atomics. The weight gradient is skipped when the weight needs no gradient (frozen norms in LoRA
+training).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -30,13 +34,17 @@ from ._utils import (
     check_device,
     check_out,
     num_programs_for,
+    num_warps_for,
+    row_block_size,
     row_launch_config,
     writable_rows,
 )
 
 __all__ = [
+    "BackwardSchedule",
     "RMSNorm",
     "RMSNormFunction",
+    "backward_schedule",
     "rms_norm",
     "rms_norm_backward",
     "rms_norm_forward",
@@ -44,6 +52,10 @@ __all__ = [
 ]
 
 _CASTINGS = ("llama", "gemma")
+
+# Backward launch shape: elements per tile (rows x padded hidden), persistent programs per SM.
+_BWD_TILE = 4096
+_BWD_PROGRAMS_PER_SM = 2
 
 
 @triton.jit
@@ -84,33 +96,76 @@ def _rms_norm_bwd_kernel(
     DW_PARTIAL,
     n_rows, n_cols, offset, rows_per_program,
     COMPUTE_DW: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # dx = rstd * (dy*w - x_hat * mean(dy*w*x_hat)),  dw = sum_rows(dy * x_hat),  w = weight + offset
+    # One persistent program walks a contiguous run of rows, BLOCK_ROWS at a time. The next tile of x and dy is
+    # loaded (in their own dtype) before the current one is reduced, so the memory system always has a tile in
+    # flight instead of idling while the program reduces.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
-    dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    col_mask = cols[None, :] < n_cols
+    w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :] + offset
+    dw_acc = tl.zeros([BLOCK_ROWS, BLOCK_SIZE], dtype=tl.float32)
 
-    # int64 bounds make the loop index int64, so row offsets cannot overflow on long inputs.
+    # int64 bounds make the row indices int64, so row offsets cannot overflow on long inputs.
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
-    for r in range(row_start, row_end):
-        x = tl.load(X + r * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + r)
+    rows = row_start + tl.arange(0, BLOCK_ROWS)
+    mask = (rows[:, None] < row_end) & col_mask
+    x_next = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    dy_next = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+    for start in range(row_start, row_end, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask
+        x = x_next.to(tl.float32)
+        dy = dy_next.to(tl.float32)
+        ahead = rows + BLOCK_ROWS
+        ahead_mask = (ahead[:, None] < row_end) & col_mask
+        x_next = tl.load(X + ahead[:, None] * x_row_stride + cols[None, :], mask=ahead_mask, other=0.0)
+        dy_next = tl.load(DY + ahead[:, None] * dy_row_stride + cols[None, :], mask=ahead_mask, other=0.0)
 
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
         x_hat = x * rstd
         dyw = dy * w
-        c = tl.sum(dyw * x_hat, axis=0) / n_cols
+        c = tl.sum(dyw * x_hat, axis=1)[:, None] / n_cols
         dx = (dyw - x_hat * c) * rstd
-        tl.store(DX + r * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if COMPUTE_DW:
-            dw_acc += dy * x_hat
+            dw_acc += dy * x_hat  # masked rows and columns add zeros
 
     if COMPUTE_DW:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cols < n_cols)
+
+
+@dataclass(frozen=True)
+class BackwardSchedule:
+    """How the backward spreads rows over persistent programs (see ``backward_schedule``)."""
+
+    programs_per_sm: int
+    block_rows: int
+    num_warps: int
+
+
+def backward_schedule(
+    n_cols: int, programs_per_sm: int | None = None, block_rows: int | None = None
+) -> BackwardSchedule:
+    """The backward's launch shape for rows of ``n_cols``.
+
+    Tiles of about ``_BWD_TILE`` elements: one row for hidden sizes of 4096 and up, several short rows at a time
+    below that (a 576-wide row alone would leave most lanes of a program idle). Two programs per SM, so one
+    program's loads overlap the other's reductions; the weight-gradient partials stay small (2 x SMs rows).
+    """
+    block = row_block_size(n_cols)
+    block_rows = max(1, _BWD_TILE // block) if block_rows is None else block_rows
+    programs_per_sm = _BWD_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    if block_rows < 1 or block_rows & (block_rows - 1) or programs_per_sm < 1:
+        raise ConfigError(
+            f"block_rows must be a power of two and programs_per_sm >= 1, got {block_rows} and {programs_per_sm}"
+        )
+    return BackwardSchedule(programs_per_sm, block_rows, num_warps_for(block_rows * block))
 
 
 def _resolve_casting(casting: str | None, offset: float) -> str:
@@ -178,11 +233,15 @@ def rms_norm_backward(
     offset: float = 0.0,
     compute_dw: bool = True,
     dx: torch.Tensor | None = None,
+    *,
+    programs_per_sm: int | None = None,
+    block_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernel. Returns ``(dx, dw)``; dw is None when ``compute_dw`` is False.
 
     ``dx`` (optional) receives the input gradient; it may be ``dy`` itself (each row is read before it is
-    written). dw has the weight's dtype, reduced in fp32.
+    written). dw has the weight's dtype, reduced in fp32. ``programs_per_sm`` and ``block_rows`` (a power of
+    two) override ``backward_schedule``'s choice, for tests and benchmarks.
     """
     _check_shapes(x, weight)
     check_device(dy, x, weight)
@@ -196,9 +255,10 @@ def rms_norm_backward(
     dx_rows = writable_rows(dx)
     dx_work = dx_rows if dx_rows is not None else torch.empty_like(x_rows)
 
-    block, num_warps = row_launch_config(n_cols)
-    n_programs = num_programs_for(x.device, n_rows)
-    rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
+    sched = backward_schedule(n_cols, programs_per_sm, block_rows)
+    n_programs = num_programs_for(x.device, n_rows, per_sm=sched.programs_per_sm)
+    # Whole tiles per program, so a tile never straddles two programs' row ranges.
+    rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), sched.block_rows) * sched.block_rows
     if n_rows:
         n_programs = triton.cdiv(n_rows, rows_per_program)
     dw_partial = (
@@ -214,8 +274,9 @@ def rms_norm_backward(
             dw_partial,
             n_rows, n_cols, float(offset), rows_per_program,
             COMPUTE_DW=compute_dw,
-            BLOCK_SIZE=block,
-            num_warps=num_warps,
+            BLOCK_ROWS=sched.block_rows,
+            BLOCK_SIZE=row_block_size(n_cols),
+            num_warps=sched.num_warps,
         )
     if dx_rows is None:
         dx.copy_(dx_work.view(dx.shape))

@@ -10,6 +10,7 @@ import torch
 from slothbook.errors import ConfigError
 from slothbook.kernels.rms_norm import (
     RMSNorm,
+    backward_schedule,
     rms_norm,
     rms_norm_backward,
     rms_norm_forward,
@@ -81,6 +82,33 @@ def test_backward_writes_every_element_and_matches_reference(
     assert dx.dtype == dtype and dw.dtype == dtype
     assert_close(dx, dx64, dtype, "dx")
     assert_close(dw, dw64, dtype, "dw")
+
+
+# (rows, hidden, programs_per_sm, block_rows): 4 programs in the interpreter; rows that leave the last program a
+# partial tile, several tiles per program, one row per tile, and a tile wider than all the rows.
+SCHEDULES = [(13, 67, 1, 2), (29, 96, 2, 4), (10, 129, 1, 1), (3, 33, 1, 8)]
+
+
+@pytest.mark.parametrize("n_rows,hidden,programs_per_sm,block_rows", SCHEDULES)
+def test_backward_schedules_cover_every_row(n_rows, hidden, programs_per_sm, block_rows, dtype, device, assert_close):
+    x, weight = _inputs((n_rows, hidden), 1.0, dtype, device)
+    dy = torch.randn_like(x)
+    _, rstd = rms_norm_forward(x, weight, 1e-6, 1.0)
+    _, dx64, dw64 = _reference_grads(x, weight, dy, 1e-6, 1.0, None)
+    # dx written over dy itself: the kernel prefetches the next tile of dy before it stores the current one.
+    dx, dw = rms_norm_backward(dy, x, weight, rstd, 1.0, dx=dy, programs_per_sm=programs_per_sm,
+                               block_rows=block_rows)
+    assert dx is dy
+    assert_close(dx, dx64, dtype, "dx")
+    assert_close(dw, dw64, dtype, "dw")
+
+
+def test_backward_schedule_tiles_short_rows():
+    assert backward_schedule(4096).block_rows == 1
+    assert backward_schedule(576).block_rows == 4  # 1024 padded columns x 4 rows
+    assert backward_schedule(14336).num_warps == 16
+    with pytest.raises(ConfigError):
+        backward_schedule(64, block_rows=3)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
