@@ -11,7 +11,8 @@ in the rotate_half convention::
 
 so every scaling scheme (linear, dynamic, llama3, yarn...) and packed-sequence position ids come in through
 cos/sin. One program handles one (batch, position) token: it loads that token's cos/sin once and rotates every
-q and k head with them. Math is fp32.
+q and k head with them, as one [q heads, head_dim/2] tile and one [k heads, head_dim/2] tile per half, all four
+loaded before anything is stored. Math is fp32.
 
 Backward applies the transposed rotation (x1*cos1 + x2*sin2, x2*cos2 - x1*sin1), which is the inverse rotation
 (rotate with -sin) when the halves of cos/sin are equal, as in every HF model, and the exact gradient otherwise.
@@ -38,34 +39,29 @@ from ._utils import check_device
 
 __all__ = ["RoPEFunction", "RotaryEmbedding", "apply_rope", "rope_", "rope_reference"]
 
-# Elements of one half-head tile a program rotates at a time (heads x half head_dim).
-_TILE_ELEMENTS = 2048
+# Elements of one half-head tile (heads x half head_dim) a program rotates at a time: 32 heads of 128 fit.
+_TILE_ELEMENTS = 4096
 
 
 @triton.jit
-def _rotate_heads(
-    base, head_stride, n_heads, half,
-    cos1, cos2, sin1, sin2,
-    BACKWARD: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """Rotate n_heads rows of one token in place; base points at head 0, element 0."""
+def _head_tile(head_stride, h0, n_heads, half, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets of the first halves of heads h0..h0+BLOCK_H of one token, and their mask."""
+    heads = h0 + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    for h0 in range(0, n_heads, BLOCK_H):
-        heads = h0 + tl.arange(0, BLOCK_H)
-        offs = heads[:, None] * head_stride + d[None, :]
-        mask = (heads[:, None] < n_heads) & (d[None, :] < half)
-        x1 = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(base + offs + half, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
-            y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
-        else:
-            y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-            y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-        tl.store(base + offs, y1.to(base.dtype.element_ty), mask=mask)
-        tl.store(base + offs + half, y2.to(base.dtype.element_ty), mask=mask)
+    offs = heads[:, None] * head_stride + d[None, :]
+    mask = (heads[:, None] < n_heads) & (d[None, :] < half)
+    return offs, mask
+
+
+@triton.jit
+def _rotate(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
+    if BACKWARD:
+        y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
+        y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
+    else:
+        y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+        y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    return y1, y2
 
 
 @triton.jit
@@ -74,9 +70,10 @@ def _rope_kernel(
     K, k_stride_b, k_stride_h, k_stride_s,
     COS, cos_stride_b, cos_stride_s,
     SIN, sin_stride_b, sin_stride_s,
-    seq_len, n_q_heads, n_k_heads, half,
+    seq_len, n_q_heads, n_k_heads, half, n_tiles,
     BACKWARD: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -92,10 +89,23 @@ def _rope_kernel(
     sin1 = tl.load(sin_row + d, mask=dmask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_row + half + d, mask=dmask, other=0.0).to(tl.float32)
 
-    _rotate_heads(Q + b * q_stride_b + s * q_stride_s, q_stride_h, n_q_heads, half,
-                  cos1, cos2, sin1, sin2, BACKWARD, BLOCK_H, BLOCK_D)
-    _rotate_heads(K + b * k_stride_b + s * k_stride_s, k_stride_h, n_k_heads, half,
-                  cos1, cos2, sin1, sin2, BACKWARD, BLOCK_H, BLOCK_D)
+    q_base = Q + b * q_stride_b + s * q_stride_s
+    k_base = K + b * k_stride_b + s * k_stride_s
+    # One tile of q heads and one of k heads per step (one step for every common head count): all four half-head
+    # loads are issued before the first store, so both tensors' reads are in flight together.
+    for t in range(0, n_tiles):
+        q_offs, q_mask = _head_tile(q_stride_h, t * BLOCK_HQ, n_q_heads, half, BLOCK_HQ, BLOCK_D)
+        k_offs, k_mask = _head_tile(k_stride_h, t * BLOCK_HK, n_k_heads, half, BLOCK_HK, BLOCK_D)
+        q1 = tl.load(q_base + q_offs, mask=q_mask, other=0.0).to(tl.float32)
+        q2 = tl.load(q_base + q_offs + half, mask=q_mask, other=0.0).to(tl.float32)
+        k1 = tl.load(k_base + k_offs, mask=k_mask, other=0.0).to(tl.float32)
+        k2 = tl.load(k_base + k_offs + half, mask=k_mask, other=0.0).to(tl.float32)
+        q1, q2 = _rotate(q1, q2, cos1, cos2, sin1, sin2, BACKWARD)
+        k1, k2 = _rotate(k1, k2, cos1, cos2, sin1, sin2, BACKWARD)
+        tl.store(q_base + q_offs, q1.to(Q.dtype.element_ty), mask=q_mask)
+        tl.store(q_base + q_offs + half, q2.to(Q.dtype.element_ty), mask=q_mask)
+        tl.store(k_base + k_offs, k1.to(K.dtype.element_ty), mask=k_mask)
+        tl.store(k_base + k_offs + half, k2.to(K.dtype.element_ty), mask=k_mask)
 
 
 def _as_table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -> torch.Tensor:
@@ -131,7 +141,11 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return
     half = head_dim // 2
     block_d = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(n_q_heads, n_k_heads)), max(1, _TILE_ELEMENTS // block_d))
+    max_heads = max(1, _TILE_ELEMENTS // block_d)
+    # q and k get their own tile heights: 8 kv heads do not pad out to the 32 rows of the q tile.
+    block_hq = min(triton.next_power_of_2(n_q_heads), max_heads)
+    block_hk = min(triton.next_power_of_2(n_k_heads), max_heads)
+    n_tiles = max(triton.cdiv(n_q_heads, block_hq), triton.cdiv(n_k_heads, block_hk))
     # A batch of 1 in cos/sin is shared by every sequence (stride 0).
     cos_stride_b = cos.stride(0) if cos.shape[0] > 1 else 0
     sin_stride_b = sin.stride(0) if sin.shape[0] > 1 else 0
@@ -140,11 +154,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         k, k.stride(0), k.stride(1), k.stride(2),
         cos, cos_stride_b, cos.stride(1),
         sin, sin_stride_b, sin.stride(1),
-        seq, n_q_heads, n_k_heads, half,
+        seq, n_q_heads, n_k_heads, half, n_tiles,
         BACKWARD=backward,
-        BLOCK_H=block_h,
+        BLOCK_HQ=block_hq,
+        BLOCK_HK=block_hk,
         BLOCK_D=block_d,
-        num_warps=4 if block_h * block_d <= 1024 else 8,
+        num_warps=4 if (block_hq + block_hk) * block_d <= 4096 else 8,
     )
 
 

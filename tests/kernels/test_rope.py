@@ -89,6 +89,25 @@ def test_every_element_written_and_nothing_else(n_heads, n_kv_heads, device):
         assert torch.equal(buf[..., inner.shape[-1] :], torch.full_like(buf[..., inner.shape[-1] :], 7.0))
 
 
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(5, 3), (2, 7)])
+def test_heads_split_over_several_tiles(n_heads, n_kv_heads, monkeypatch, dtype, device, assert_close):
+    """Tiles of 2 heads: q and k need different numbers of tiles, the last ones partly masked."""
+    import slothbook.kernels.rope as rope_module
+
+    head_dim = 96
+    monkeypatch.setattr(rope_module, "_TILE_ELEMENTS", 2 * head_dim // 2)
+    _, q, k = _hf_layout(2, 3, n_heads, n_kv_heads, head_dim, dtype, device)
+    cos, sin = _tables(_positions(2, 3, device), head_dim, dtype)
+    q_ref, k_ref = _reference(q, k, cos, sin)
+    rope_(q, k, cos, sin)
+    assert_close(q, q_ref, dtype, "q")
+    assert_close(k, k_ref, dtype, "k")
+    rope_(q, k, cos, sin, backward=True)  # the inverse rotation brings the inputs back
+    q_back, k_back = rope_reference(q_ref, k_ref, cos.double(), -sin.double())
+    assert_close(q, q_back, dtype, "q back")
+    assert_close(k, k_back, dtype, "k back")
+
+
 def test_packed_positions_with_hf_llama3_scaling(dtype, device, assert_close):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
