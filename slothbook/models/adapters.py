@@ -5,8 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CorruptFileError, ModelNotFoundError
+from .checks import check_no_pickle, check_safetensors, read_json
 from .families import family_of
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -52,6 +55,7 @@ def add_lora(
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
     family = family_of(model.config)
+    _check_tokenizer_fits(model)
     targets = _check_targets(model, target_modules or family.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -71,3 +75,36 @@ def add_lora(
         # PEFT keeps adapter weights in fp32 over a half-precision base (autocast_adapter_dtype), which keeps
         # Adam's updates of the small A/B matrices stable.
         return get_peft_model(model, config)
+
+
+def _check_tokenizer_fits(model: nn.Module) -> None:
+    # get_chat_template may add marker tokens; ids past the embedding would fail in the first training step.
+    tokenizer = getattr(model, "slothbook_tokenizer", None)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and len(tokenizer) > rows:
+        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
+                          f"(token {tokenizer.convert_ids_to_tokens(rows)!r} and later have none). Call "
+                          f"model.resize_token_embeddings({len(tokenizer)}) before get_peft_model.")
+
+
+def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable: bool = True):
+    """Put the LoRA adapter saved in `folder` on `model` (a PeftModel), checking its files before PEFT reads them."""
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    folder = Path(folder)
+    read_json(folder / "adapter_config.json")
+    check_no_pickle(folder, allow_pickle, stem="adapter weights")
+    weights = folder / ADAPTER_WEIGHTS
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (allow_pickle and (folder / "adapter_model.bin").is_file()):
+        raise ModelNotFoundError(f"{folder} has adapter_config.json but no {ADAPTER_WEIGHTS}: the adapter was not "
+                                 "saved completely. Save it again (model.save_pretrained(folder)).")
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, unknown keys, unreadable tensors
+        raise CorruptFileError(f"Could not put the adapter in {folder} on the model ({type(exc).__name__}: "
+                               f"{str(exc)[:300]}). Was it trained on this base model? Load it onto the model named "
+                               "in its adapter_config.json.") from exc

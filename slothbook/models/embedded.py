@@ -84,18 +84,35 @@ def gguf_to_folder(gguf: str | os.PathLike, name: str | None = None) -> Path:
     return target
 
 
+def check_gguf(path: Path) -> None:
+    """A CorruptFileError naming `path` when it does not start like a GGUF file (magic, known version)."""
+    from ..errors import CorruptFileError
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if len(head) < 8 or head[:4] != b"GGUF":
+        raise CorruptFileError(f"{path} is not a GGUF file: it starts with {head[:4]!r} instead of b'GGUF'. It is "
+                               "damaged or not a GGUF model; download it again.")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise CorruptFileError(f"{path} has GGUF version {version}, which is damaged or unsupported (expected 2 or "
+                               "3). Download it again, or convert it with a current llama.cpp.")
+
+
 def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..errors import CorruptFileError
 
+    check_gguf(gguf)
     folder, fname = str(gguf.parent), gguf.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    except Exception as exc:  # gguf's reader raises plain ValueError/struct errors on damaged files
-        raise CorruptFileError(f"Could not read GGUF file {gguf}: {exc}. Is it complete and a GGUF model?") from exc
+    except Exception as exc:  # gguf's reader raises plain ValueError/IndexError/struct errors on damaged files
+        raise CorruptFileError(f"Could not read the GGUF file {gguf} ({gguf.stat().st_size} bytes): it is truncated "
+                               f"or corrupted ({type(exc).__name__}: {str(exc)[:200]}). Download it again.") from exc
     config = AutoConfig.from_pretrained(folder, gguf_file=fname)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

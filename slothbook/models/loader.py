@@ -10,6 +10,8 @@ import torch
 
 from ..device import fsdp_requested, resolve_dtype, training_device
 from ..errors import ConfigError, ModelNotFoundError
+from .adapters import load_lora
+from .checks import check_no_pickle, check_no_remote_code, check_weight_files, read_json
 from .embedded import EMBEDDED_ALIAS, embedded_model_dir, gguf_to_folder
 from .families import family_of
 from .quantization import quantization_config
@@ -17,11 +19,14 @@ from .rope import apply_rope_scaling
 
 log = logging.getLogger("slothbook")
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_source(model_name: str | os.PathLike | None) -> str:
-    """A local folder for the alias, a .gguf file or a folder; a hub id is returned unchanged."""
+    """A local folder for the alias, a .gguf file or a folder; a hub id is returned unchanged.
+
+    A LoRA adapter folder resolves to its base model (the one named in its adapter_config.json).
+    """
     if model_name is None or str(model_name).lower() == EMBEDDED_ALIAS:
         return str(embedded_model_dir())
     name = str(model_name)
@@ -32,6 +37,9 @@ def resolve_source(model_name: str | os.PathLike | None) -> str:
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
             return str(gguf_to_folder(ggufs[0]))
+        adapter = adapter_folder(path)
+        if adapter is not None:
+            return resolve_source(adapter_base(adapter))
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"The folder {path} has no config.json: it is not a transformers model folder. "
                                      "Point to the folder that holds config.json and the weights, or to a .gguf file.")
@@ -47,20 +55,42 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
 
 
-def _check_weights_are_safe(folder: str, allow_pickle: bool) -> None:
-    """Refuse pickled weights (which can run code when loaded) unless the user opts in."""
-    path = Path(folder)
-    if not path.is_dir() or allow_pickle or any(path.glob("*.safetensors")):
-        return
-    pickled = [p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES]
-    if pickled:
-        raise ConfigError(f"{folder} holds only pickled weights ({', '.join(sorted(pickled))}), which can execute code "
-                          "when loaded. Convert them to safetensors, or pass allow_pickle=True if you trust the source.")
+def adapter_folder(model_name) -> Path | None:
+    """`model_name` as a folder when it is a saved LoRA adapter (adapter_config.json, no config.json), else None."""
+    if model_name is None:
+        return None
+    path = Path(str(model_name)).expanduser()
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        return path
+    return None
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder was trained on, as its adapter_config.json names it."""
+    config_path = folder / ADAPTER_CONFIG
+    base = read_json(config_path).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{config_path} does not name its base model (key 'base_model_name_or_path'). Load the base "
+                          "with FastLanguageModel.from_pretrained(base), then PeftModel.from_pretrained(model, "
+                          f"'{folder}'), or add the key.")
+    return str(base)
+
+
+def check_local_model(source: str, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Refuse a local folder that would run code (custom modeling, pickles) or whose files are damaged."""
+    if not Path(source).is_dir():
+        return  # a hub id: transformers asks for trust_remote_code itself and downloads safetensors only
+    check_no_remote_code(source, trust_remote_code)
+    check_no_pickle(source, allow_pickle)
+    check_weight_files(source)
 
 
 def load_config(source: str, token=None, trust_remote_code=False):
     from transformers import AutoConfig
 
+    if Path(source).is_dir():
+        read_json(Path(source) / "config.json")  # a damaged config.json: name the file, not "cannot find"
+        check_no_remote_code(source, trust_remote_code)
     try:
         return AutoConfig.from_pretrained(source, token=token, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -90,9 +120,15 @@ def load_model(
 
     if not isinstance(max_seq_length, int) or max_seq_length <= 0:
         raise ConfigError(f"max_seq_length must be a positive integer, got {max_seq_length!r}.")
+    adapter = adapter_folder(model_name)
+    if adapter is not None:
+        return _load_with_adapter(adapter, max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                                  load_in_8bit=load_in_8bit, token=token, device_map=device_map,
+                                  trust_remote_code=trust_remote_code, rope_scaling=rope_scaling,
+                                  allow_pickle=allow_pickle, kernels=kernels, **kwargs)
     dtype = resolve_dtype(dtype)
     source = resolve_source(model_name)
-    _check_weights_are_safe(source, allow_pickle)
+    check_local_model(source, allow_pickle, trust_remote_code)
     config = load_config(source, token=token, trust_remote_code=trust_remote_code)
     family = family_of(config)
     apply_rope_scaling(config, max_seq_length, rope_scaling)
@@ -111,6 +147,7 @@ def load_model(
         **kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=trust_remote_code)
+    check_vocab(tokenizer, model, source)
     tokenizer = prepare_tokenizer(tokenizer, max_seq_length)
     model.max_seq_length = max_seq_length
     model.slothbook_family = family
@@ -131,3 +168,31 @@ def prepare_tokenizer(tokenizer, max_seq_length: int):
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = max_seq_length
     return tokenizer
+
+
+def _load_with_adapter(folder: Path, allow_pickle: bool = False, trust_remote_code: bool = False, **kwargs):
+    """The base model with the saved adapter of `folder` on it (trainable), and the adapter folder's tokenizer."""
+    from transformers import AutoTokenizer
+
+    check_no_remote_code(folder, trust_remote_code)
+    model, tokenizer = load_model(adapter_base(folder), allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code, **kwargs)
+    if (folder / "tokenizer_config.json").is_file():  # saved with the adapter: it may carry a new chat template
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        check_vocab(tokenizer, model, folder)
+        tokenizer = prepare_tokenizer(tokenizer, model.max_seq_length)
+    model.slothbook_tokenizer = tokenizer  # on the base: exports find it through the PeftModel
+    return load_lora(model, folder, allow_pickle=allow_pickle), tokenizer
+
+
+def check_vocab(tokenizer, model, source) -> None:
+    """Refuse a tokenizer with ids past the model's embedding rows: those tokens would crash the first step."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) <= rows:
+        return
+    extra = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 3))))
+    raise ConfigError(
+        f"The tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: tokens "
+        f"{rows}.. (e.g. {', '.join(map(repr, extra))}) have no embedding. Use the tokenizer saved with this model, or "
+        f"call model.resize_token_embeddings({len(tokenizer)}) before adding LoRA."
+    )
