@@ -8,6 +8,7 @@
 from .estimator import Estimate, Fit, estimate, max_fit
 from .oom import TrainingOutOfMemoryError, translate_oom
 from .profiler import MemoryProfiler
+from .ranks import gather_peaks, peaks_line
 from .samples import CATEGORIES, Sample
 
 __all__ = [
@@ -18,7 +19,9 @@ __all__ = [
     "Sample",
     "TrainingOutOfMemoryError",
     "estimate",
+    "gather_peaks",
     "max_fit",
+    "peaks_line",
     "translate_oom",
 ]
 
