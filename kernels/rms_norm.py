@@ -11,7 +11,7 @@ input dtype and the output has the input's dtype. Two casting conventions match 
 and a bf16 input (which returns fp32), the output is always in the input dtype.
 
 Forward saves the input, the weight and one fp32 inverse RMS per row. Backward is a persistent grid (two
-programs per SM): each program walks a contiguous run of rows in tiles of ``block_rows`` rows, writes dx per row,
+programs per SM at hidden 4096): each program walks a contiguous run of rows in tiles of ``block_rows`` rows, writes dx per row,
 prefetches the next tile while it reduces the current one, and accumulates its share of the weight gradient in
 fp32 registers. Each program writes its partial once into a ``[programs, hidden]`` fp32 buffer, which one ``sum``
 reduces: no atomics. The weight gradient is skipped when the weight needs no gradient (frozen norms in LoRA
@@ -34,7 +34,6 @@ from ._utils import (
     check_device,
     check_out,
     num_programs_for,
-    num_warps_for,
     row_block_size,
     row_launch_config,
     writable_rows,
@@ -53,9 +52,10 @@ __all__ = [
 
 _CASTINGS = ("llama", "gemma")
 
-# Backward launch shape: elements per tile (rows x padded hidden), persistent programs per SM.
+# Backward launch shape: elements per tile (rows x padded hidden), and tile elements the persistent programs of
+# one SM hold together in registers (see backward_schedule).
 _BWD_TILE = 4096
-_BWD_PROGRAMS_PER_SM = 2
+_BWD_SM_ELEMENTS = 8192
 
 
 @triton.jit
@@ -154,18 +154,22 @@ def backward_schedule(
 ) -> BackwardSchedule:
     """The backward's launch shape for rows of ``n_cols``.
 
-    Tiles of about ``_BWD_TILE`` elements: one row for hidden sizes of 4096 and up, several short rows at a time
-    below that (a 576-wide row alone would leave most lanes of a program idle). Two programs per SM, so one
-    program's loads overlap the other's reductions; the weight-gradient partials stay small (2 x SMs rows).
+    Tiles of at least ``_BWD_TILE`` elements: one row for hidden sizes of 4096 and up, several short rows at a
+    time below that (a 576-wide row alone would leave most lanes of a program idle). One warp per 512 elements
+    (16 per thread: x, dy, the prefetched next tile and the dW accumulator fit in about 114 registers on sm_90).
+    Programs per SM: as many as the register file holds at that size, so they are all resident at once (2 for
+    4096-element tiles); a second program's loads then overlap the first one's reductions.
     """
     block = row_block_size(n_cols)
     block_rows = max(1, _BWD_TILE // block) if block_rows is None else block_rows
-    programs_per_sm = _BWD_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
-    if block_rows < 1 or block_rows & (block_rows - 1) or programs_per_sm < 1:
-        raise ConfigError(
-            f"block_rows must be a power of two and programs_per_sm >= 1, got {block_rows} and {programs_per_sm}"
-        )
-    return BackwardSchedule(programs_per_sm, block_rows, num_warps_for(block_rows * block))
+    if block_rows < 1 or block_rows & (block_rows - 1):
+        raise ConfigError(f"block_rows must be a power of two, got {block_rows}")
+    tile = block_rows * block
+    if programs_per_sm is None:
+        programs_per_sm = max(1, _BWD_SM_ELEMENTS // tile)
+    if programs_per_sm < 1:
+        raise ConfigError(f"programs_per_sm must be at least 1, got {programs_per_sm}")
+    return BackwardSchedule(programs_per_sm, block_rows, min(32, max(4, tile // 512)))
 
 
 def _resolve_casting(casting: str | None, offset: float) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from slothbook.errors import ConfigError
 from slothbook.kernels.rms_norm import (
+    BackwardSchedule,
     RMSNorm,
     backward_schedule,
     rms_norm,
@@ -104,9 +105,9 @@ def test_backward_schedules_cover_every_row(n_rows, hidden, programs_per_sm, blo
 
 
 def test_backward_schedule_tiles_short_rows():
-    assert backward_schedule(4096).block_rows == 1
+    assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=2, block_rows=1, num_warps=8)
     assert backward_schedule(576).block_rows == 4  # 1024 padded columns x 4 rows
-    assert backward_schedule(14336).num_warps == 16
+    assert backward_schedule(8192) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=16)
     with pytest.raises(ConfigError):
         backward_schedule(64, block_rows=3)
 
