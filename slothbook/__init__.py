@@ -13,7 +13,14 @@ def estimate(*args, **kwargs):
     return _estimate(*args, **kwargs)
 
 
-__all__ = ["FastLanguageModel", "SlothbookError", "__version__", "estimate"]
+def launch(train_fn, *args, num_gpus: int, **kwargs):
+    """Run `train_fn` in one process per GPU from a notebook: see `slothbook.train.distributed.launch`."""
+    from .train.distributed import launch as _launch  # imported on use: it pulls in accelerate
+
+    return _launch(train_fn, *args, num_gpus=num_gpus, **kwargs)
+
+
+__all__ = ["FastLanguageModel", "SlothbookError", "__version__", "estimate", "launch"]
 
 
 def load_ipython_extension(ipython):  # `%load_ext slothbook`
