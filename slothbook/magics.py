@@ -100,6 +100,25 @@ def parse_options(command: str, pairs: dict[str, str], options: tuple[Option, ..
     return values
 
 
+def parse_gpus(positional: list[str], pairs: dict[str, str]) -> int:
+    """`--gpus N` (or `--gpus=N`) on the first line of a finetune cell: how many GPUs train; 1 when absent."""
+    words = list(positional) + [f"{key}={value}" for key, value in pairs.items()]
+    if not words:
+        return 1
+    text = None
+    if len(words) == 2 and words[0] == "--gpus":
+        text = words[1]
+    elif len(words) == 1 and words[0].startswith("--gpus="):
+        text = words[0].partition("=")[2]
+    if text is None:
+        raise ConfigError("%%slothbook finetune takes only --gpus N on its first line; put every other setting in the "
+                          "cell as `key: value`.")
+    try:
+        return _positive_int(text)
+    except ValueError as exc:
+        raise ConfigError(f"--gpus {text!r}: {exc} (the number of GPUs to train on).") from exc
+
+
 def parse_finetune_cell(cell: str) -> tuple[FinetuneConfig, dict]:
     """The cell's YAML as a FinetuneConfig, and the names of the variables to bind (BINDINGS' keys)."""
     import yaml
@@ -171,8 +190,10 @@ def usage() -> str:
         *_option_lines(ESTIMATE_OPTIONS),
         "    e.g. %slothbook estimate model=smollm2-135m seq=2048 batch=4 r=16 4bit=yes offload=yes",
         "",
-        "%%slothbook finetune",
-        "    Fine-tune with LoRA/QLoRA. The cell body is YAML: FinetuneConfig keys (defaults shown), plus the names",
+        "%%slothbook finetune [--gpus N]",
+        "    Fine-tune with LoRA/QLoRA. --gpus N trains on N GPUs of this machine (DDP, one forked process each: run it",
+        "    before anything in this kernel touches the GPU; only the adapter comes back, so no variables are bound).",
+        "    The cell body is YAML: FinetuneConfig keys (defaults shown), plus the names",
         "    of the variables that receive the trained model, its tokenizer, the FinetuneResult and the profiler:",
         *_finetune_lines(),
         "    Shows the live memory profiler and a progress bar; saves the adapter under <output>/adapter.",
@@ -265,10 +286,10 @@ class SlothbookMagics(Magics):
                           "and put `key: value` lines under it (e.g. steps: 60).")
 
     def _finetune(self, cell, positional, pairs):
-        if positional or pairs:
-            raise ConfigError("%%slothbook finetune takes no arguments on its first line; put every setting in the "
-                              "cell as `key: value`.")
+        gpus = parse_gpus(positional, pairs)
         cfg, names = parse_finetune_cell(cell)
+        if gpus > 1:
+            return self._finetune_on_gpus(cfg, gpus)
         from .ui.run import notebook_finetune
 
         result, profiler = notebook_finetune(cfg)
@@ -279,6 +300,15 @@ class SlothbookMagics(Magics):
         self.shell.user_ns.update(bound)
         if bound:
             print(f"bound: {', '.join(bound)}")
+
+    def _finetune_on_gpus(self, cfg, gpus: int):
+        """One process per GPU (DDP), forked from this kernel; the adapter is what comes back."""
+        from .train.distributed import launch
+
+        cfg.output = str(cfg.output_dir())  # fixed here, so every rank writes to the same run folder
+        launch(finetune_rank, cfg, num_gpus=gpus, dtype=cfg.dtype)
+        print(f"adapter saved to {cfg.output_dir() / 'adapter'}; load it with "
+              f"FastLanguageModel.from_pretrained({str(cfg.output_dir() / 'adapter')!r})")
 
     def _export(self, positional, pairs):
         from IPython.display import display
@@ -303,6 +333,24 @@ class SlothbookMagics(Magics):
 
 
 SlothbookMagics.slothbook.__doc__ = usage()
+
+
+def finetune_rank(cfg: FinetuneConfig) -> None:
+    """One process of `%%slothbook finetune --gpus N`: the run, profiled; rank 0 prints the summary with every
+    rank's peak."""
+    from .profiler import MemoryProfiler, gather_peaks, peaks_line
+    from .train.distributed import is_main_process
+    from .train.job import run_finetune
+
+    profiler = MemoryProfiler(live=False)
+    with profiler.oom_guard():
+        result = run_finetune(cfg, callbacks=[profiler.callback()])
+    peaks = gather_peaks(profiler)  # every rank takes part
+    if is_main_process():
+        print(profiler.summary())
+        print(peaks_line(peaks))
+        if result.losses:
+            print(f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f} in {result.seconds:.1f} s")
 
 
 def load_ipython_extension(ipython) -> None:

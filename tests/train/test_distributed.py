@@ -288,3 +288,19 @@ def test_ddp_qlora_on_two_gpus_matches_across_ranks(train_model_name, tmp_path):
         env=_env(NCCL_NVLS_ENABLE="0"), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ranks identical: True" in done.stdout
+
+
+# ---------------------------------------------------------------- %%slothbook finetune --gpus N
+
+
+def test_magic_gpus_option():
+    from slothbook.magics import parse_gpus, usage
+
+    assert parse_gpus([], {}) == 1
+    assert parse_gpus(["--gpus", "2"], {}) == 2
+    assert parse_gpus([], {"--gpus": "4"}) == 4  # --gpus=4
+    with pytest.raises(ConfigError, match="positive integer"):
+        parse_gpus(["--gpus", "0"], {})
+    with pytest.raises(ConfigError, match="only --gpus N"):
+        parse_gpus([], {"steps": "3"})
+    assert "%%slothbook finetune [--gpus N]" in usage()
