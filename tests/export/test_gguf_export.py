@@ -82,18 +82,83 @@ def test_f16_greedy_generation_is_identical(llm_f16, finetuned, merged16_model):
 
 
 def test_q8_0_agrees_with_the_merged_model(gguf_files, finetuned, merged16_model):
-    """q8_0 moves this 135M model's logits by up to ~3 (llama.cpp also quantizes activations to 8 bits in its
-    q8_0 matmul). Measured while writing this test: 92-94% top-1 agreement overall for our q8_0 and 95.6% for
-    llama.cpp's own quantizer on the same f16 file (a 2-position difference out of 135); every disagreement
-    was a position where the top two tokens were within 0.8 logit. So: >= 90% overall, and >= 98% wherever the
-    merged model's choice leads by a full logit."""
+    """The issue asks >= 95% top-1 agreement for q8_0; this model cannot reach it with any q8_0 file that
+    llama.cpp would write. Measured on these 135 positions: ours 93.3% (its bytes are llama.cpp's own, see the
+    next test), llama.cpp's quantizer from an f16 file 94.1% (f16 then q8_0: two roundings, other near-ties
+    flip), and q8_0 weights run in exact fp32 by transformers (no llama.cpp at all) 92.6%. Over ten prompts (389
+    positions) ours gives 93.8%, llama.cpp's from f16 94.3%. So q8_0 rounding of this 135M model's weights is
+    what costs the 6%, not the converter; every disagreement is a near-tie (the HF model's top two tokens within
+    1 logit). The bound: >= 92% overall (two positions of slack for other CPUs' float order), and >= 98%
+    wherever the merged model's choice leads by a full logit (measured 100%)."""
     llm = open_gguf(gguf_files["q8_0"])
     try:
         overall, confident = top1_agreement(llm, finetuned.tokenizer, merged16_model, min_margin=1.0)
     finally:
         llm.close()
     print(f"\nq8_0 GGUF: top-1 agreement {overall:.1%} overall, {confident:.1%} where the lead is >= 1 logit")
-    assert overall >= 0.90 and confident >= 0.98
+    assert overall >= 0.92 and confident >= 0.98
+
+
+def llama_cpp_convert(src, dst, ftype: str) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) from the GGUF `src` to the file type `ftype` ("Q8_0")."""
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+def tensor_bytes(path) -> dict[str, tuple[str, bytes]]:
+    import gguf
+
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def assert_same_tensors(ours, theirs) -> None:
+    ours, theirs = tensor_bytes(ours), tensor_bytes(theirs)
+    assert ours.keys() == theirs.keys()
+    assert {n: t for n, (t, _) in ours.items()} == {n: t for n, (t, _) in theirs.items()}  # same storage types
+    assert [n for n in ours if ours[n][1] != theirs[n][1]] == []  # and the same bytes
+
+
+def test_q8_0_and_f16_are_llama_cpp_bit_for_bit(gguf_files, finetuned, tmp_path):
+    """Our q8_0 and f16 tensors are byte for byte what llama.cpp's quantizer makes of our f32 file (every tensor,
+    its storage type included: token_embd q8_0, norms f32), so the q8_0 agreement above is llama.cpp's own."""
+    from slothbook.export import save_pretrained_gguf
+
+    f32 = save_pretrained_gguf(finetuned.model, tmp_path, finetuned.tokenizer, "f32")[0]
+    for method, ftype in [("q8_0", "Q8_0"), ("f16", "F16")]:
+        theirs = tmp_path / f"llama_cpp.{ftype}.gguf"
+        llama_cpp_convert(f32, theirs, ftype)
+        assert_same_tensors(gguf_files[method], theirs)
+        theirs.unlink()
+
+
+def test_q8_0_rounds_like_ggml(embedded_tokenizer, tmp_path):
+    """ggml's reference q8_0 per block of 32: d = amax / 127, q = roundf(x / d), rounding halves away from zero
+    (torch.round and numpy.round go to even), d stored f16, an all-zero block gives d = 0. A tiny model whose
+    first q_proj row holds exact halves (k + 0.5) / 128 and an all-zero block is quantized by us and by llama.cpp."""
+    from transformers import AutoModelForCausalLM
+
+    from slothbook.export import save_pretrained_gguf
+    from slothbook.models.families.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=len(embedded_tokenizer))).eval()
+    halves = (torch.arange(-16, 15, dtype=torch.float32) + 0.5) / 128  # x / d = k + 0.5 exactly
+    with torch.no_grad():
+        row = model.model.layers[0].self_attn.q_proj.weight[0]
+        row[:32] = torch.cat([halves, torch.tensor([127 / 128])])  # amax 127/128, so d = 1/128
+        row[32:64] = 0.0
+    ours = save_pretrained_gguf(model, tmp_path, embedded_tokenizer, ["f32", "q8_0"])
+    theirs = tmp_path / "llama_cpp.Q8_0.gguf"
+    llama_cpp_convert(ours[0], theirs, "Q8_0")
+    assert_same_tensors(ours[1], theirs)
+    blocks = np.frombuffer(tensor_bytes(ours[1])["blk.0.attn_q.weight"][1][: 2 * 34], np.uint8).reshape(2, 34)
+    assert blocks[0, :2].view(np.float16)[0] == 1 / 128 and blocks[1, :2].view(np.float16)[0] == 0
+    away = torch.cat([torch.arange(-16, 0), torch.arange(1, 16), torch.tensor([127])])
+    assert blocks[0, 2:].view(np.int8).tolist() == away.tolist() and not blocks[1, 2:].any()
 
 
 def test_q4_k_m_loads_and_generates(gguf_files, finetuned):
