@@ -4,6 +4,8 @@ Sizes are Llama-3.1-8B's: hidden 4096, intermediate 14336, vocab 128256, 32 quer
 8192 tokens (batch 1), bf16, random inputs (no zeros). Contenders, where each has the op:
 
   slothbook     slothbook.kernels
+  slothbook-1sm rms_norm only: slothbook's kernels with the backward's previous launch shape (one persistent
+                program per SM, one row per step), to A/B the default schedule in the same run
   torch         the eager formulation a Hugging Face model runs (HF RMSNorm, rotate_half RoPE, act(gate) * up,
                 lm_head then cross-entropy on float logits, PEFT's LoRA composition over bitsandbytes' matmul_4bit)
   compile       torch.compile of that eager function (default mode)
@@ -61,8 +63,8 @@ BENCHMARK = "kernels"
 RESULTS = common.RESULTS_DIR / "kernels.json"
 KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
            "lora_mlp_bf16", "lora_mlp_nf4")
-CONTENDERS = ("slothbook", "torch", "compile", "liger", "bitsandbytes")
-TINY_CONTENDERS = ("slothbook", "torch", "bitsandbytes")  # no torch.compile or Liger under the interpreter
+CONTENDERS = ("slothbook", "slothbook-1sm", "torch", "compile", "liger", "bitsandbytes")
+TINY_CONTENDERS = ("slothbook", "slothbook-1sm", "torch", "bitsandbytes")  # no torch.compile or Liger under the interpreter
 MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize")
 GRAD_IN_FORWARD = ("cross_entropy", "fused_linear_cross_entropy")  # judge these on fwd+bwd
 
@@ -404,7 +406,9 @@ def _nbytes(*tensors) -> int:
 
 
 def build_rms_norm(ctx) -> Case:
-    from slothbook.kernels.rms_norm import rms_norm, rms_norm_reference
+    import torch
+
+    from slothbook.kernels.rms_norm import rms_norm, rms_norm_backward, rms_norm_forward, rms_norm_reference
 
     s = ctx.sizes
     n, h, eps = s["tokens"], s["hidden"], s["eps"]
@@ -415,10 +419,22 @@ def build_rms_norm(ctx) -> Case:
     def eager(a):
         return rms_norm_reference(a["x"], a["w"], eps)
 
+    class OneProgramPerSM(torch.autograd.Function):
+        @staticmethod
+        def forward(fn_ctx, x, w):
+            y, rstd = rms_norm_forward(x, w, eps)
+            fn_ctx.save_for_backward(x, w, rstd)
+            return y
+
+        @staticmethod
+        def backward(fn_ctx, dy):
+            return rms_norm_backward(dy, *fn_ctx.saved_tensors, programs_per_sm=1, block_rows=1)
+
     return Case(
         "rms_norm", f"{n}x{h} bf16", {"x": x, "w": w},
         ctx.contenders("rms_norm", lambda a: rms_norm(a["x"], a["w"], eps), eager,
-                       liger=lambda lk: lambda a: lk.LigerRMSNormFunction.apply(a["x"], a["w"], eps, 0.0, "llama")),
+                       liger=lambda lk: lambda a: lk.LigerRMSNormFunction.apply(a["x"], a["w"], eps, 0.0, "llama"),
+                       **{"slothbook-1sm": lambda a: OneProgramPerSM.apply(a["x"], a["w"])}),
         eager, grads=("x", "w"), grad_outputs=(dy,),
         bytes={"fwd": 2 * _nbytes(x) + _nbytes(w), "bwd": 3 * _nbytes(x) + 2 * _nbytes(w)},
     )
