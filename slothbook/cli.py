@@ -33,6 +33,10 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--logging-steps", type=int, default=d.logging_steps)
     p.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every N steps (0: none)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint under --output/checkpoints, or from CHECKPOINT")
+    p.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="NaN/inf steps in a row (each skipped) before training stops (default: %(default)s)")
 
 
 def _checkpointing(value: str):
@@ -56,7 +60,16 @@ def cmd_finetune(ns) -> int:
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
     print(f"\nloss {first:.4f} -> {last:.4f} in {result.seconds:.1f} s")
     print(f"adapter saved to {result.adapter_dir}")
+    if result.stopped:
+        print(f"slothbook: training stopped by {result.stopped} at step {result.trainer.state.global_step} of "
+              f"{cfg.steps}; checkpoint saved to {result.checkpoint_dir}. Continue with the same options and "
+              f"--resume --output {result.adapter_dir.parent}", file=sys.stderr)
+        return STOP_EXIT_CODES.get(result.stopped, 1)
     return 0
+
+
+# Stopped by a signal: the shell's 128 + signal number, so scripts see the run did not finish (it can be resumed).
+STOP_EXIT_CODES = {"Ctrl-C": 130, "SIGTERM": 143}
 
 
 def cmd_estimate(ns) -> int:

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_dir
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, TrainingError
+from .checkpoints import barrier, is_rank_zero, latest_checkpoint, remove_partials
 from .config import FinetuneConfig
+from .guard import NonFiniteGuard
+from .interrupt import GracefulStop
 from .sft import TrainArgs, build_trainer
 
 
@@ -24,6 +27,8 @@ class FinetuneResult:
     adapter_dir: Path
     losses: list[float]
     seconds: float
+    stopped: str | None = None  # why training ended early ("Ctrl-C", "SIGTERM", "requested"); None: it finished
+    checkpoint_dir: Path | None = None  # the checkpoint to resume from when it was stopped
 
 
 def load_training_dataset(cfg: FinetuneConfig, tokenizer):
@@ -52,11 +57,19 @@ def load_training_dataset(cfg: FinetuneConfig, tokenizer):
 
 
 def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) -> FinetuneResult:
-    """Train LoRA adapters as `cfg` says and save them (atomically) under the output folder."""
+    """Train LoRA adapters as `cfg` says and save them (atomically) under the output folder.
+
+    Ctrl-C, SIGTERM or `GracefulStop.request()` (pass your own GracefulStop in `callbacks` to hold it) end training
+    after the current step with a checkpoint under <output>/checkpoints and the adapter saved; `cfg.resume`
+    continues from a checkpoint. NaN/inf steps are skipped; `cfg.max_bad_steps` of them in a row raise a
+    TrainingError after the last good adapter is saved.
+    """
     from ..fast import FastLanguageModel
 
     out = cfg.output_dir()
-    _check_output(out, cfg.overwrite)
+    checkpoint = _resume_from(cfg, out)
+    if checkpoint is None:
+        _check_output(out, cfg.overwrite)  # resuming replaces the adapter this run saved when it was stopped
     if model is None:
         model, tokenizer = FastLanguageModel.from_pretrained(
             cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
@@ -70,18 +83,45 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
         max_seq_length=cfg.max_seq_length, text_field=cfg.text_field, logging_steps=cfg.logging_steps,
         seed=cfg.seed, save_steps=cfg.save_steps, warmup_steps=min(5, cfg.steps // 10),
     )
-    trainer = build_trainer(model, tokenizer, dataset, args, callbacks=callbacks)
+    stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None) or GracefulStop()
+    guard = NonFiniteGuard(cfg.max_bad_steps)
+    others = [c for c in callbacks if c is not stop]
+    trainer = build_trainer(model, tokenizer, dataset, args, callbacks=[stop, guard, *others])
     if cfg.responses_only:
         from ..data import train_on_responses_only
 
         train_on_responses_only(trainer, tokenizer)
+    remove_partials(args.output_dir)
     start = time.perf_counter()
-    trainer.train()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        stop.restore_signals()  # train() raised before on_train_end could
     seconds = time.perf_counter() - start
     adapter_dir = out / "adapter"
-    save_adapter(model, tokenizer, adapter_dir, overwrite=cfg.overwrite)
+    save_adapter(model, tokenizer, adapter_dir, overwrite=cfg.overwrite or checkpoint is not None)
+    if guard.error is not None:
+        raise TrainingError(f"{guard.error} The adapter of the last good step is saved in {adapter_dir}.")
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return FinetuneResult(model, tokenizer, trainer, adapter_dir, losses, seconds)
+    result = FinetuneResult(model, tokenizer, trainer, adapter_dir, losses, seconds)
+    if stop.requested and trainer.state.global_step < trainer.state.max_steps:
+        result.stopped = stop.reason
+        result.checkpoint_dir = Path(args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    return result
+
+
+def _resume_from(cfg: FinetuneConfig, out: Path) -> Path | None:
+    if cfg.resume is False or cfg.resume is None:
+        return None
+    if cfg.resume is True:
+        if cfg.output is None:
+            raise ConfigError("resume=True continues the run in an output folder: pass output= (--output) of the run.")
+        return latest_checkpoint(out / "checkpoints")
+    path = Path(cfg.resume).expanduser()
+    if not path.exists():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint folder. Pass resume=True for the latest one "
+                          f"under {out / 'checkpoints'}.")
+    return latest_checkpoint(path)
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -91,12 +131,16 @@ def _check_output(out: Path, overwrite: bool) -> None:
 
 
 def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
-    """Write the PEFT adapter and tokenizer to a temporary folder, then rename it into place."""
+    """Write the PEFT adapter and tokenizer to a temporary folder, then rename it into place.
+
+    Under torch.distributed only rank 0 writes; every rank waits until the adapter is in place."""
     path = Path(path)
     if path.exists() and not overwrite and any(path.iterdir()):
         raise ConfigError(f"{path} already exists; pass overwrite=True to replace it.")
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    if is_rank_zero():
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    barrier()
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -24,9 +25,10 @@ class TrainArgs:
     warmup_steps: int = 5
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
-    optim: str = "adamw_torch"
+    optim: str = "adamw_torch_fused"  # fused: NonFiniteGuard skips a bad step inside the kernel, without a sync
     seed: int = 3407
     save_steps: int = 0  # 0: no intermediate checkpoints
+    save_total_limit: int | None = None  # keep this many newest checkpoints (None: all)
     packing: bool = False
     disable_tqdm: bool = False
 
@@ -67,6 +69,8 @@ def sft_config(args: TrainArgs, model_dtype: torch.dtype):
         use_cpu=not on_gpu,
         save_strategy="steps" if args.save_steps else "no",
         save_steps=args.save_steps or 500,
+        save_total_limit=args.save_total_limit,
+        logging_nan_inf_filter=False,  # its per-step isnan() is a host sync; NonFiniteGuard watches on the device
         report_to="none",
         dataloader_num_workers=0,
         dataset_num_proc=1,
@@ -77,11 +81,10 @@ def sft_config(args: TrainArgs, model_dtype: torch.dtype):
 def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
     """An SFTTrainer over a model and tokenizer as returned by FastLanguageModel."""
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad)
     adapter_dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-    trainer = SFTTrainer(
+    trainer = trainer_class()(
         model=model,
         args=sft_config(args, dtype),
         train_dataset=dataset,
@@ -94,6 +97,16 @@ def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_BarWithoutLogs)
     return trainer
+
+
+@functools.cache
+def trainer_class():
+    """TRL's SFTTrainer whose checkpoints are written atomically (see checkpoints.py)."""
+    from trl import SFTTrainer
+
+    from .checkpoints import AtomicCheckpoints
+
+    return type("SlothbookTrainer", (AtomicCheckpoints, SFTTrainer), {"__module__": __name__})
 
 
 def _restore_dtypes(model, dtypes: dict) -> None:
