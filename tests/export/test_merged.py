@@ -39,17 +39,40 @@ def test_lora_adapter_reloads_with_peft(finetuned, tmp_path, exact_logits):
     torch.testing.assert_close(exact_logits(reloaded, ids), exact_logits(finetuned.model, ids), atol=1e-5, rtol=0)
 
 
+def test_merged_16bit_is_peft_merge_bit_for_bit(finetuned, merged16_model):
+    """The written fp32 weights are exactly PEFT's own merge_and_unload: W + scale * B @ A in fp32, rounded once."""
+    import copy
+
+    reference = copy.deepcopy(finetuned.model).merge_and_unload().state_dict()
+    ours = merged16_model.state_dict()
+    assert ours.keys() == reference.keys()
+    assert [name for name in ours if not torch.equal(ours[name], reference[name])] == []
+
+
+def max_logit_difference(a, b, tokenizer, exact_logits) -> float:
+    return max((exact_logits(a, _ids(tokenizer, t)) - exact_logits(b, _ids(tokenizer, t))).abs().max().item()
+               for t in PROMPTS)
+
+
 def test_merged_16bit_matches_the_peft_model(finetuned, merged16_dir, merged16_model, exact_logits):
-    worst = max((exact_logits(merged16_model, _ids(finetuned.tokenizer, t)) -
-                 exact_logits(finetuned.model, _ids(finetuned.tokenizer, t))).abs().max().item() for t in PROMPTS)
-    print(f"\nmerged_16bit (fp32 base) vs PEFT: max |logit difference| {worst:.2e}")
-    for text in PROMPTS:
-        ids = _ids(finetuned.tokenizer, text)
-        # Merging changes only the order of fp32 operations ((W + sBA)x vs Wx + sB(Ax)), rounded differently
-        # through 30 layers: measured max 1.6e-4 on logits of size ~30 (28 of 245760 logits above 1e-4;
-        # merging in fp64 does not shrink it, so it is the PEFT side's rounding), hence 3e-4.
-        torch.testing.assert_close(exact_logits(merged16_model, ids), exact_logits(finetuned.model, ids),
-                                   atol=3e-4, rtol=0)
+    """The issue's bound, 1e-4 on the logits (fp32), holds for everything the export decides: run in fp64, the
+    merged model (its weights rounded once to fp32) and the PEFT model differ by 2.7e-5 (measured). Run in fp32,
+    both also carry fp32's own rounding through 30 layers on logits of size ~35 (1e-4 is ~26 fp32 steps there):
+    the PEFT model alone is 5.3e-5 off its fp64 logits and moves by 6.9e-5 when run on two torch threads instead
+    of one, and PEFT's own merge_and_unload (the same weights bit for bit, test above) differs from it by the same
+    1.1e-4 as ours. No merge can beat that noise floor, so the fp32 run gets 3e-4."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    tok = finetuned.tokenizer
+    in_fp32 = max_logit_difference(merged16_model, finetuned.model, tok, exact_logits)
+    merged64 = AutoModelForCausalLM.from_pretrained(merged16_dir, dtype=torch.float64)
+    in_fp64 = max_logit_difference(merged64, copy.deepcopy(finetuned.model).double(), tok, exact_logits)
+    print(f"\nmerged_16bit (fp32 base) vs PEFT: max |logit difference| {in_fp64:.1e} computed in fp64, "
+          f"{in_fp32:.1e} in fp32")
+    assert in_fp64 <= 1e-4
+    assert in_fp32 <= 3e-4
 
 
 def test_merged_16bit_folder_is_a_plain_sharded_checkpoint(merged16_dir, finetuned):
@@ -90,7 +113,7 @@ def test_merged_16bit_from_a_4bit_base(finetuned_4bit, tmp_path, exact_logits):
         ids = _ids(finetuned_4bit.tokenizer, text)
         # The PEFT model over NF4 computes x @ dequant(W)^T + s * B(Ax) in fp32; the merged model computes
         # x @ (dequant(W) + s * BA)^T with the same exactly dequantized values: only the fp32 order of
-        # operations differs, so the fp32 tolerance above holds.
+        # operations differs, so the fp32 tolerance above holds (measured 1.2e-4: the fp32 noise floor).
         torch.testing.assert_close(exact_logits(merged, ids), exact_logits(finetuned_4bit.model, ids),
                                    atol=3e-4, rtol=0)
 
