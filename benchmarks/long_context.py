@@ -354,9 +354,11 @@ def pinned_bytes() -> int:
                         or getattr(torch._C, "_host_emptyCache", None))  # older torch: only the private one
     if empty_host_cache is not None:
         empty_host_cache()
+    from slothbook.train.offload import registered_bytes
+
     stats = getattr(torch.cuda, "host_memory_stats", None)
-    if stats is not None:
-        return int(stats().get("allocated_bytes.current", 0))
+    if stats is not None:  # large offload buffers are page-locked in place, outside these statistics
+        return int(stats().get("allocated_bytes.current", 0)) + registered_bytes()
     from slothbook.train.offload import offloaded_bytes
 
     return offloaded_bytes()

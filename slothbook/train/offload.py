@@ -139,9 +139,25 @@ def _pinned(size: int) -> torch.Tensor:
     err = int(cudart.cudaHostRegister(buffer.data_ptr(), size, 0))
     if err != 0:
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {err}")
+    global _registered
+    _registered += size
     # Unpin when the pool drops the buffer (its storage is freed right after this runs).
-    weakref.finalize(buffer, cudart.cudaHostUnregister, buffer.data_ptr())
+    weakref.finalize(buffer, _unregister, cudart, buffer.data_ptr(), size)
     return buffer
+
+
+_registered = 0  # bytes page-locked by _pinned in place: torch's host allocator statistics do not see them
+
+
+def _unregister(cudart, ptr: int, size: int) -> None:
+    global _registered
+    cudart.cudaHostUnregister(ptr)
+    _registered -= size
+
+
+def registered_bytes() -> int:
+    """Host bytes page-locked in place for large offload buffers (not in torch.cuda.host_memory_stats)."""
+    return _registered
 
 
 def offloaded_bytes() -> int:
