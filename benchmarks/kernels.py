@@ -7,7 +7,8 @@ Sizes are Llama-3.1-8B's: hidden 4096, intermediate 14336, vocab 128256, 32 quer
   slothbook-1sm rms_norm only: slothbook's kernels with the backward's previous launch shape (one persistent
                 program per SM, one row per step), to A/B the default schedule in the same run
   torch         the eager formulation a Hugging Face model runs (HF RMSNorm, rotate_half RoPE, act(gate) * up,
-                lm_head then cross-entropy on float logits, PEFT's LoRA composition over bitsandbytes' matmul_4bit)
+                lm_head then cross-entropy on float logits, PEFT's LoRA composition over a bf16 base; over an NF4
+                base, PEFT's own LoRA Linear4bit modules around bitsandbytes' Linear4bit, as QLoRA runs them)
   compile       torch.compile of that eager function (default mode)
   liger         Liger-Kernel's autograd Functions (liger_kernel.ops): RMSNorm, RoPE, SiLU-mul, GELU-mul,
                 cross-entropy, fused linear cross-entropy
@@ -605,7 +606,6 @@ _PROJECTIONS = ("gate", "up", "down")
 
 def _build_lora_mlp(ctx, base: str) -> Case:
     """Llama MLP with LoRA on gate/up/down over a bf16 or NF4 base, against PEFT's eager composition."""
-    import bitsandbytes as bnb
     import torch
     import torch.nn.functional as F
 
@@ -633,10 +633,6 @@ def _build_lora_mlp(ctx, base: str) -> Case:
     def dense(a, p, x):
         return F.linear(x, a[f"{p}_w"])
 
-    def four_bit(a, p, x):  # what bitsandbytes' Linear4bit.forward runs
-        packed, state = a[f"{p}_bnb"]
-        return bnb.matmul_4bit(x, packed.t(), quant_state=state)
-
     def peft_mlp(base_matmul):
         def mlp(a):
             def proj(p, x):  # PEFT's LoRA Linear: base(x) + lora_B(lora_A(x)) * scaling (no dropout)
@@ -649,13 +645,51 @@ def _build_lora_mlp(ctx, base: str) -> Case:
     def ours(a):
         return lora_mlp(a["x"], *[(a[f"{p}_w"], a[f"{p}_a"], a[f"{p}_b"], scaling) for p in _PROJECTIONS])
 
-    eager = peft_mlp(four_bit if base == "nf4" else dense)
+    eager = _peft_qlora_mlp(inputs, dims, r, s["lora_alpha"]) if base == "nf4" else peft_mlp(dense)
     kernel = f"lora_mlp_{base}"
     return Case(
         kernel, f"{n}x{h}x{i} r{r} bf16", inputs, ctx.contenders(kernel, ours, eager), peft_mlp(dense),
         grads=("x",) + tuple(f"{p}_{m}" for p in _PROJECTIONS for m in "ab"), grad_outputs=(_randn(ctx, n, h),),
         reference_inputs=reference_inputs, flops=flops,
     )
+
+
+def _peft_qlora_mlp(inputs: dict, dims: dict, rank: int, alpha: float):
+    """The QLoRA MLP as PEFT runs it: peft's LoRA ``Linear4bit`` around bitsandbytes' ``Linear4bit`` for each
+    projection, over the same NF4 weights. The LoRA factors come from the call's inputs (``functional_call``), so each
+    call differentiates fresh tensors like the other contenders."""
+    import bitsandbytes as bnb
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    from torch import nn
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0)
+
+    def projection(p, fan_in, fan_out):
+        packed, state = inputs[f"{p}_bnb"]
+        base = bnb.nn.Linear4bit(fan_in, fan_out, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                 device="meta")
+        base.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=state.blocksize,
+                                        compress_statistics=True, quant_type="nf4", module=base, bnb_quantized=True)
+        return LoraLinear4bit(base, "default", config=config, r=rank, lora_alpha=alpha, lora_dropout=0.0)
+
+    class QLoRAMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = (projection(p, *dims[p]) for p in _PROJECTIONS)
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    mlp = QLoRAMLP()
+
+    def call(a):
+        factors = {f"{p}.lora_{m.upper()}.default.weight": a[f"{p}_{m}"] for p in _PROJECTIONS for m in "ab"}
+        return torch.func.functional_call(mlp, factors, (a["x"],))
+
+    return call
 
 
 def build_lora_mlp_bf16(ctx) -> Case:

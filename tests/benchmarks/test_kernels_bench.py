@@ -89,6 +89,13 @@ def test_slothbook_matches_the_fp32_reference(tiny):
     assert [r["value"] for r in _rows(doc, metric="bitwise_equal_bitsandbytes")] == [1.0]
 
 
+def test_rms_norm_previous_schedule_is_timed_beside_the_default(tiny):
+    doc, _ = tiny
+    errors = [r["value"] for r in _rows(doc, contender="slothbook-1sm", metric="rel_error")]
+    assert len(errors) == 2 and all(e < 2e-2 for e in errors)
+    assert {r["config"].split()[0] for r in _rows(doc, contender="slothbook-1sm", metric="time_ms")} == {"rms_norm"}
+
+
 def test_fractions_of_the_measured_device_rates(tiny):
     doc, _ = tiny
     assert [r["metric"] for r in _rows(doc, contender="device")] == ["bandwidth_gbps", "tflops"]
