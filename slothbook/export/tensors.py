@@ -134,7 +134,9 @@ def _merged_linear(module, adapters) -> torch.Tensor:
         delta = b @ a
         if getattr(module, "fan_in_fan_out", False):
             delta = delta.T
-        w.add_(delta, alpha=module.scaling[name])
+        # Scale, then add, as PEFT does: add_(delta, alpha=s) may fuse into one fma on a GPU (one rounding
+        # instead of two) and move a few merged values by one ulp.
+        w.add_(delta * module.scaling[name])
     return w.cpu()
 
 
@@ -143,7 +145,7 @@ def _merged_embedding(module, adapters) -> torch.Tensor:
     for name in adapters:
         a = module.lora_embedding_A[name].to(w.device, torch.float32)
         b = module.lora_embedding_B[name].to(w.device, torch.float32)
-        w.add_((b @ a).T, alpha=module.scaling[name])
+        w.add_((b @ a).T * module.scaling[name])
     return w.cpu()
 
 
