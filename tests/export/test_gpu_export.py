@@ -3,6 +3,7 @@ k-quants from the bf16 intermediate."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -54,9 +55,12 @@ def test_merged_16bit_generates_like_the_peft_model(qlora, tmp_path):
     ids = tokenizer("The capital of France is Paris, and the capital of Italy is", return_tensors="pt").input_ids.cuda()
     with torch.no_grad():
         got, want = merged(input_ids=ids).logits.float(), model(input_ids=ids).logits.float()
-    # bf16 weights (merged and rounded once vs base and adapter rounded apart): logits agree to bf16 precision.
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
-    assert (got - want).abs().mean() < 0.1 * want.abs().mean()
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits.float()
+    # bf16 weights (merged and rounded once vs base and adapter rounded apart) cannot match to 1e-2: bf16 logits
+    # are spaced 2^-7 of their size. The merged model must sit far closer to the PEFT model than the adapter moves
+    # it. (Top-1 is not checked: on the GPU box's random-weight stand-in, near-ties are the rule.)
+    assert (got - want).abs().mean() < 0.1 * (want - base).abs().mean()
 
 
 def test_gguf_k_quant_from_a_bf16_model(qlora, tmp_path):
@@ -70,7 +74,9 @@ def test_gguf_k_quant_from_a_bf16_model(qlora, tmp_path):
     assert gguf.GGUFReader(paths[0]).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_BF16
     llm = llama_cpp.Llama(model_path=str(paths[1]), n_ctx=128, verbose=False, n_gpu_layers=0)
     try:
-        out = llm("The capital of France is", max_tokens=8, temperature=0.0)
-        assert out["choices"][0]["text"].strip()
+        ids = tokenizer("The capital of France is")["input_ids"]
+        # Eight greedy tokens, whatever they are: a random-weight stand-in may well pick eos or a space.
+        out = list(itertools.islice(llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0), 8))
+        assert len(out) == 8 and all(0 <= t < llm.n_vocab() for t in out)
     finally:
         llm.close()
