@@ -192,8 +192,9 @@ def test_rejects_bad_arguments(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("offset", [0.0, 1.0])
-def test_gpu_realistic_size(offset, assert_close):
-    x, weight = _inputs((8192, 4096), offset, torch.bfloat16, torch.device("cuda"))
+@pytest.mark.parametrize("shape", [(8192, 4096), (4099, 576), (1000, 8192)], ids=["llama8b", "smollm", "wide"])
+def test_gpu_realistic_size(shape, offset, assert_close):
+    x, weight = _inputs(shape, offset, torch.bfloat16, torch.device("cuda"))
     x.requires_grad_()
     weight.requires_grad_()
     y = rms_norm(x, weight, 1e-6, offset)
