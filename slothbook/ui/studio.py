@@ -50,6 +50,16 @@ def _row(label: str, *children) -> w.HBox:
     return w.HBox([_label(label), *children], layout=w.Layout(align_items="center"))
 
 
+def _text_field_choices(dataset, shape: str) -> list[tuple[str, str]]:
+    """The columns holding text, used as they are; without a "text" column, first the choice to render the rows
+    as chats ("text" then names no column, which makes run_finetune convert the dataset's shape)."""
+    first = dataset[0]
+    choices = [(c, c) for c in dataset.column_names if isinstance(first[c], str)]
+    if "text" not in dataset.column_names and shape != "unrecognised":
+        choices.insert(0, (f"render the {shape} rows as chats", "text"))
+    return choices or [(c, c) for c in dataset.column_names]
+
+
 class LogView:
     """The Log tab: what background jobs print, carriage returns (progress bars) overwriting their line."""
 
@@ -255,10 +265,10 @@ class Studio:
         except DatasetError:
             shape = "unrecognised"
         self._dataset_source = source
-        columns = list(dataset.column_names)
         wanted = self.text_field.value  # new options reset the value to the first one
-        self.text_field.options = columns
-        self.text_field.value = wanted if wanted in columns else "text" if "text" in columns else columns[0]
+        self.text_field.options = _text_field_choices(dataset, shape)
+        values = [value for _, value in self.text_field.options]
+        self.text_field.value = wanted if wanted in values else "text" if "text" in values else values[0]
         self.data_preview.value = preview_html(dataset, shape)
 
     # ---- actions ------------------------------------------------------------------------------------------

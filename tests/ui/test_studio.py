@@ -50,6 +50,9 @@ def test_dataset_by_path_by_upload_and_a_missing_one(kernel):
     preview = kernel.value("studio.data_preview.value")
     assert "format: openai" in preview and "5 rows" in preview
     assert kernel.value("studio.config().dataset") == "chats.jsonl"
+    # No text column: the rows are rendered as chats ("text" names no column, so run_finetune converts them).
+    assert kernel.value("studio.text_field.options") == (("render the openai rows as chats", "text"),)
+    assert kernel.value("studio.config().text_field") == "text"
 
     # What the browser sends when a file is picked.
     kernel.run("import datetime\n"
@@ -58,6 +61,7 @@ def test_dataset_by_path_by_upload_and_a_missing_one(kernel):
                "'content': memoryview(b'prompt,completion\\nhi,hello\\n2+2,4\\n')},)\n"
                "studio.data_kind.value = 'upload'")
     assert "format: prompt-completion" in kernel.value("studio.data_preview.value")
+    assert [v for _, v in kernel.value("studio.text_field.options")] == ["text", "prompt", "completion"]
     assert kernel.value("studio.config().dataset").endswith("uploads/qa.csv")
 
     kernel.run("studio.data_kind.value = 'path'; studio.data_path.value = 'missing.jsonl'")  # must not raise
