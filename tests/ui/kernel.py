@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from queue import Empty
 
 import nbformat
 from nbclient import NotebookClient
@@ -15,12 +17,40 @@ from nbclient.exceptions import CellExecutionError
 
 # Cells run under the 2-core CI budget: one thread each for torch and tokenizers.
 KERNEL_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# A cell that takes longer than this fails with CellTimeoutError naming it, instead of stalling the run.
+CELL_TIMEOUT_S = 300
+POLL_SLICE_S = 0.5
+
+
+def sliced_waits(channel) -> None:
+    """Make `channel.get_msg` wait in short slices, each ending with a fresh look at the socket.
+
+    nbclient stands in for the frontend of an Output widget: it sends the widget's new outputs to the kernel as
+    comm messages on the shell socket while it awaits the cell's execute_reply on that same zmq.asyncio socket.
+    The send can consume the socket's edge-triggered readiness signal, so the reply sits unread until the wait
+    ends at the cell timeout (nbclient issue #312); a Studio cell that displays into an Output widget
+    (`studio.estimate()`) hung that way about one time in four. pyzmq's poll checks the socket once more when
+    its timeout fires, so a wait cut into slices finds the reply within one slice.
+    """
+    get_msg = channel.get_msg
+
+    async def get_msg_in_slices(timeout: float | None = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = POLL_SLICE_S if deadline is None else max(0.0, min(POLL_SLICE_S, deadline - time.monotonic()))
+            try:
+                return await get_msg(timeout=left)
+            except Empty:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    channel.get_msg = get_msg_in_slices
 
 
 class KernelSession:
     """`run(source)` executes one cell in a live kernel (started in `cwd`) and returns the cell's outputs."""
 
-    def __init__(self, cwd, timeout: int = 900):
+    def __init__(self, cwd, timeout: int = CELL_TIMEOUT_S):
         self.nb = nbformat.v4.new_notebook()
         self.client = NotebookClient(self.nb, kernel_name="python3", timeout=timeout, allow_errors=False,
                                      resources={"metadata": {"path": str(cwd)}})
@@ -31,6 +61,8 @@ class KernelSession:
         os.environ.update(KERNEL_ENV)  # the kernel process inherits the environment when it starts
         try:
             self._stack.enter_context(self.client.setup_kernel())
+            for channel in (self.client.kc.shell_channel, self.client.kc.iopub_channel):
+                sliced_waits(channel)
         finally:
             for k, v in old.items():
                 if v is None:
