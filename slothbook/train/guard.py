@@ -118,3 +118,17 @@ class NonFiniteGuard(TrainerCallback):
 
         opt.step = guarded_step
         self._wrapped = opt
+
+
+class NonFiniteLossLog:
+    """Trainer mixin: a NaN/inf loss shows in the log of its own logging window, not in every later one.
+
+    With Trainer's per-step NaN filter off (it reads the loss on the host each step), its running loss is reset by
+    `tr_loss -= tr_loss`, which leaves a NaN in place; zeroing it after each log keeps later windows clean.
+    """
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        logged = self._globalstep_last_logged
+        super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        if self._globalstep_last_logged != logged:
+            tr_loss.zero_()

@@ -101,12 +101,14 @@ def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
 
 @functools.cache
 def trainer_class():
-    """TRL's SFTTrainer whose checkpoints are written atomically (see checkpoints.py)."""
+    """TRL's SFTTrainer whose checkpoints are written atomically (checkpoints.py) and whose loss log survives a
+    NaN step (guard.py)."""
     from trl import SFTTrainer
 
     from .checkpoints import AtomicCheckpoints
+    from .guard import NonFiniteLossLog
 
-    return type("SlothbookTrainer", (AtomicCheckpoints, SFTTrainer), {"__module__": __name__})
+    return type("SlothbookTrainer", (AtomicCheckpoints, NonFiniteLossLog, SFTTrainer), {"__module__": __name__})
 
 
 def _restore_dtypes(model, dtypes: dict) -> None:
