@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, ExportError
+from ..models.checks import check_vocab
 from ..models.quantization import SKIP_MODULES
 from .atomic import atomic_dir, check_destination, check_free_space
 from .safetensors_io import ShardedWriter
@@ -18,6 +19,8 @@ from .tensors import MergedTensor, base_model_of, compute_dtype, is_tied, merged
 log = logging.getLogger("slothbook")
 
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+_EXPORT_VOCAB_FIX = ("Pass the tokenizer the model was trained with, or resize the embedding "
+                     "(model.resize_token_embeddings(len(tokenizer))) and train again.")
 _NF4_BLOCKSIZE = 64
 # Bytes per weight of an NF4 tensor: packed codes, uint8 absmax per block, fp32 per 256 absmax.
 _NF4_BYTES_PER_WEIGHT = 0.5 + 1 / _NF4_BLOCKSIZE + 4 / (_NF4_BLOCKSIZE * 256)
@@ -49,6 +52,7 @@ def save_pretrained_merged(
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method must be one of {', '.join(SAVE_METHODS)}; got {save_method!r}.")
     tokenizer = tokenizer_of(model, tokenizer)
+    check_vocab(tokenizer, model, _EXPORT_VOCAB_FIX)
     path = check_destination(save_directory, overwrite, is_dir=True)
     if save_method == "lora":
         return _save_lora(model, path, tokenizer)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, CorruptFileError, ModelNotFoundError
-from .checks import check_no_pickle, check_safetensors, read_json
+from .checks import check_no_pickle, check_safetensors, check_vocab, read_json
 from .families import family_of
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,7 +55,8 @@ def add_lora(
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}.")
     family = family_of(model.config)
-    _check_tokenizer_fits(model)
+    check_vocab(getattr(model, "slothbook_tokenizer", None), model,
+                "Call model.resize_token_embeddings(len(tokenizer)) before get_peft_model.")
     targets = _check_targets(model, target_modules or family.target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -75,16 +76,6 @@ def add_lora(
         # PEFT keeps adapter weights in fp32 over a half-precision base (autocast_adapter_dtype), which keeps
         # Adam's updates of the small A/B matrices stable.
         return get_peft_model(model, config)
-
-
-def _check_tokenizer_fits(model: nn.Module) -> None:
-    # get_chat_template may add marker tokens; ids past the embedding would fail in the first training step.
-    tokenizer = getattr(model, "slothbook_tokenizer", None)
-    rows = model.get_input_embeddings().weight.shape[0]
-    if tokenizer is not None and len(tokenizer) > rows:
-        raise ConfigError(f"The tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows} rows "
-                          f"(token {tokenizer.convert_ids_to_tokens(rows)!r} and later have none). Call "
-                          f"model.resize_token_embeddings({len(tokenizer)}) before get_peft_model.")
 
 
 def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable: bool = True):

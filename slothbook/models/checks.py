@@ -107,3 +107,15 @@ def check_no_remote_code(folder: str | Path, trust_remote_code: bool) -> None:
             raise ConfigError(f"{path} has an 'auto_map': the model's code is custom Python in the folder{shipped}. "
                               "slothbook does not run code from a model folder unless you pass "
                               "trust_remote_code=True; do so only if you trust its source.")
+
+
+def check_vocab(tokenizer, model, fix: str, source=None) -> None:
+    """Refuse a tokenizer with ids past the model's embedding rows: those tokens have no embedding and would crash
+    the first step that meets them (or the exported model at inference). `fix` says what to do."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is None or len(tokenizer) <= rows:
+        return
+    extra = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 3))))
+    of = f" of {source}" if source is not None else ""
+    raise ConfigError(f"The tokenizer{of} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: "
+                      f"tokens {rows} and up (e.g. {', '.join(map(repr, extra))}) have no embedding. {fix}")

@@ -11,7 +11,7 @@ import torch
 from ..device import fsdp_requested, resolve_dtype, training_device
 from ..errors import ConfigError, ModelNotFoundError
 from .adapters import load_lora
-from .checks import check_no_pickle, check_no_remote_code, check_weight_files, read_json
+from .checks import check_no_pickle, check_no_remote_code, check_vocab, check_weight_files, read_json
 from .embedded import EMBEDDED_ALIAS, embedded_model_dir, gguf_to_folder
 from .families import family_of
 from .quantization import quantization_config
@@ -20,6 +20,7 @@ from .rope import apply_rope_scaling
 log = logging.getLogger("slothbook")
 
 ADAPTER_CONFIG = "adapter_config.json"
+_LOAD_FIX = "Use the tokenizer saved with this model, or resize the model with model.resize_token_embeddings."
 
 
 def resolve_source(model_name: str | os.PathLike | None) -> str:
@@ -147,7 +148,7 @@ def load_model(
         **kwargs,
     )
     tokenizer = AutoTokenizer.from_pretrained(source, token=token, trust_remote_code=trust_remote_code)
-    check_vocab(tokenizer, model, source)
+    check_vocab(tokenizer, model, _LOAD_FIX, source)
     tokenizer = prepare_tokenizer(tokenizer, max_seq_length)
     model.max_seq_length = max_seq_length
     model.slothbook_family = family
@@ -179,20 +180,8 @@ def _load_with_adapter(folder: Path, allow_pickle: bool = False, trust_remote_co
                                   trust_remote_code=trust_remote_code, **kwargs)
     if (folder / "tokenizer_config.json").is_file():  # saved with the adapter: it may carry a new chat template
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        check_vocab(tokenizer, model, folder)
+        check_vocab(tokenizer, model, _LOAD_FIX, folder)
         tokenizer = prepare_tokenizer(tokenizer, model.max_seq_length)
     model.slothbook_tokenizer = tokenizer  # on the base: exports find it through the PeftModel
     return load_lora(model, folder, allow_pickle=allow_pickle), tokenizer
 
-
-def check_vocab(tokenizer, model, source) -> None:
-    """Refuse a tokenizer with ids past the model's embedding rows: those tokens would crash the first step."""
-    rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) <= rows:
-        return
-    extra = tokenizer.convert_ids_to_tokens(list(range(rows, min(len(tokenizer), rows + 3))))
-    raise ConfigError(
-        f"The tokenizer of {source} has {len(tokenizer)} tokens but the model's embedding has {rows} rows: tokens "
-        f"{rows}.. (e.g. {', '.join(map(repr, extra))}) have no embedding. Use the tokenizer saved with this model, or "
-        f"call model.resize_token_embeddings({len(tokenizer)}) before adding LoRA."
-    )
