@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -78,12 +80,8 @@ def add_lora(
         return get_peft_model(model, config)
 
 
-def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable: bool = True):
-    """Put the LoRA adapter saved in `folder` on `model` (a PeftModel), checking its files before PEFT reads them."""
-    from pathlib import Path
-
-    from peft import PeftModel
-
+def check_adapter_files(folder, allow_pickle: bool = False) -> None:
+    """An adapter folder's config parses and its weights are whole safetensors (or, opted in, a pickle)."""
     folder = Path(folder)
     read_json(folder / "adapter_config.json")
     check_no_pickle(folder, allow_pickle, stem="adapter weights")
@@ -93,9 +91,17 @@ def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable
     elif not (allow_pickle and (folder / "adapter_model.bin").is_file()):
         raise ModelNotFoundError(f"{folder} has adapter_config.json but no {ADAPTER_WEIGHTS}: the adapter was not "
                                  "saved completely. Save it again (model.save_pretrained(folder)).")
+
+
+def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable: bool = True):
+    """Put the LoRA adapter saved in `folder` on `model` (a PeftModel), checking its files before PEFT reads them."""
+    from peft import PeftModel
+
+    check_adapter_files(folder, allow_pickle)
     try:
         return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, unknown keys, unreadable tensors
-        raise CorruptFileError(f"Could not put the adapter in {folder} on the model ({type(exc).__name__}: "
-                               f"{str(exc)[:300]}). Was it trained on this base model? Load it onto the model named "
-                               "in its adapter_config.json.") from exc
+        why = " ".join(str(exc).split())[:300]
+        raise CorruptFileError(f"Could not put the adapter in {folder} on the model ({type(exc).__name__}: {why}). "
+                               "Was it trained on this base model? Load it onto the model named in its "
+                               "adapter_config.json.") from exc

@@ -10,7 +10,7 @@ import torch
 
 from ..device import fsdp_requested, resolve_dtype, training_device
 from ..errors import ConfigError, ModelNotFoundError
-from .adapters import load_lora
+from .adapters import check_adapter_files, load_lora
 from .checks import check_no_pickle, check_no_remote_code, check_vocab, check_weight_files, read_json
 from .embedded import EMBEDDED_ALIAS, embedded_model_dir, gguf_to_folder
 from .families import family_of
@@ -176,6 +176,7 @@ def _load_with_adapter(folder: Path, allow_pickle: bool = False, trust_remote_co
     from transformers import AutoTokenizer
 
     check_no_remote_code(folder, trust_remote_code)
+    check_adapter_files(folder, allow_pickle)  # before the base: a damaged adapter fails in a moment
     model, tokenizer = load_model(adapter_base(folder), allow_pickle=allow_pickle,
                                   trust_remote_code=trust_remote_code, **kwargs)
     if (folder / "tokenizer_config.json").is_file():  # saved with the adapter: it may carry a new chat template
