@@ -18,6 +18,9 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the kernel helpers
+
+from ui.kernel import sliced_waits  # noqa: E402
 
 
 def execute(path: Path, timeout: int = 900) -> float:
@@ -25,6 +28,9 @@ def execute(path: Path, timeout: int = 900) -> float:
     # nbclient's Output-widget capture needs the widget state kept while it runs.
     client = NotebookClient(nb, kernel_name="python3", timeout=timeout, store_widget_state=True,
                             resources={"metadata": {"path": str(path.parent)}})
+    # The Studio notebook displays into Output widgets: without this a reply can wait out the timeout.
+    client.on_notebook_start = lambda notebook: [sliced_waits(c) for c in (client.kc.shell_channel,
+                                                                             client.kc.iopub_channel)]
     start = time.perf_counter()
     client.execute()
     seconds = time.perf_counter() - start

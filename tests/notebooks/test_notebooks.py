@@ -16,9 +16,12 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+CELL_TIMEOUT_S = 300  # a cell that hangs fails with nbval's timeout error naming it
+ALL_TIMEOUT_S = 1200  # the budget is 8 minutes on 2 idle cores; this leaves room for a shared machine
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(ALL_TIMEOUT_S + 60)
 def test_every_notebook_runs_under_nbval(tmp_path):
     pytest.importorskip("nbval", reason="needs nbval (pip install nbval)")
     names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
@@ -28,7 +31,8 @@ def test_every_notebook_runs_under_nbval(tmp_path):
         shutil.copy(NOTEBOOKS / name, tmp_path / name)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", "--rootdir", str(tmp_path),
-         str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+        [sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={CELL_TIMEOUT_S}", "-p",
+         "no:cacheprovider", "-q", "--durations=0", "--rootdir", str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=ALL_TIMEOUT_S)
+    print(run.stdout[-4000:])  # nbval's per-cell durations, shown with -s or on failure
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
