@@ -1,8 +1,9 @@
 """`save_pretrained_gguf`: the merged model as a GGUF file for llama.cpp, Ollama and LM Studio.
 
 f32, f16, bf16 and q8_0 are written directly, one tensor at a time (gguf-py's quantizers for bf16 and
-q8_0; the f16 and q8_0 bytes equal what llama.cpp's own quantizer makes of the f32 file). The other types (k-quants and the legacy q4_0 .. q5_1) come from llama.cpp's own quantizer, run
-through llama-cpp-python on an f16 (bf16 for bf16 models) file written first.
+q8_0; the f16 and q8_0 bytes equal what llama.cpp's own quantizer makes of the f32 file). The other types
+(k-quants and the legacy q4_0 .. q5_1) come from llama.cpp's own quantizer, run through llama-cpp-python on
+an f16 (bf16 for bf16 models) file written first.
 """
 
 from __future__ import annotations
