@@ -52,10 +52,8 @@ __all__ = [
 
 _CASTINGS = ("llama", "gemma")
 
-# Backward launch shape: elements per tile (rows x padded hidden), and tile elements the persistent programs of
-# one SM hold together in registers (see backward_schedule).
+# Backward launch shape: elements per tile (rows x padded hidden); see backward_schedule.
 _BWD_TILE = 4096
-_BWD_SM_ELEMENTS = 8192
 
 
 @triton.jit
@@ -157,8 +155,9 @@ def backward_schedule(
     Tiles of at least ``_BWD_TILE`` elements: one row for hidden sizes of 4096 and up, several short rows at a
     time below that (a 576-wide row alone would leave most lanes of a program idle). One warp per 512 elements
     (16 per thread: x, dy, the prefetched next tile and the dW accumulator fit in about 114 registers on sm_90).
-    Programs per SM: as many as the register file holds at that size, so they are all resident at once (2 for
-    4096-element tiles); a second program's loads then overlap the first one's reductions.
+    One program per SM: on the H100 (benchmarks/results/kernels.json, 8192x4096 bf16) two resident programs per
+    SM ran the backward 3.2x slower than one (0.436 vs 0.135 ms); the prefetch of the next tile already keeps
+    a load in flight.
     """
     block = row_block_size(n_cols)
     block_rows = max(1, _BWD_TILE // block) if block_rows is None else block_rows
@@ -166,7 +165,7 @@ def backward_schedule(
         raise ConfigError(f"block_rows must be a power of two, got {block_rows}")
     tile = block_rows * block
     if programs_per_sm is None:
-        programs_per_sm = max(1, _BWD_SM_ELEMENTS // tile)
+        programs_per_sm = 1
     if programs_per_sm < 1:
         raise ConfigError(f"programs_per_sm must be at least 1, got {programs_per_sm}")
     return BackwardSchedule(programs_per_sm, block_rows, min(32, max(4, tile // 512)))

@@ -105,7 +105,7 @@ def test_backward_schedules_cover_every_row(n_rows, hidden, programs_per_sm, blo
 
 
 def test_backward_schedule_tiles_short_rows():
-    assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=2, block_rows=1, num_warps=8)
+    assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=8)
     assert backward_schedule(576).block_rows == 4  # 1024 padded columns x 4 rows
     assert backward_schedule(8192) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=16)
     with pytest.raises(ConfigError):
