@@ -60,6 +60,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
         return worker(json.loads(args.worker))
+    if args.chart:
+        doc = json.loads(Path(args.out or RESULTS).read_text())
+        Path(args.chart).write_text(memory_chart_svg(doc["rows"]))
+        return print(f"wrote {args.chart}")
     out = Path(args.out or (Path(tempfile.gettempdir()) / "slothbook_long_context_smoke.json" if args.tiny
                             else RESULTS))
     deadline = time.monotonic() + args.budget_s
@@ -104,6 +108,8 @@ def parse_args(argv):
                    help="where the unsloth contender's random checkpoint is written")
     p.add_argument("--out", default=None)
     p.add_argument("--append", action="store_true", help="merge into an existing results file")
+    p.add_argument("--chart", default=None, help="only draw peak GPU memory against length from --out (or the "
+                   "results file) into this SVG")
     p.add_argument("--tiny", action="store_true", help="tiny model, short sequences, one search step (CPU smoke)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,6 +156,42 @@ def write_results(out: Path, rows: list, notes: list, device, append: bool) -> N
         doc["device"] = device or old.get("device")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def memory_chart_svg(rows: list, gpu_gib: float = 80.0) -> str:
+    """Peak GPU memory of one step against sequence length, a line per contender and config, as a standalone SVG
+    (no plotting library: the docs' figure can be redrawn from the JSON anywhere)."""
+    series: dict = {}
+    for r in rows:
+        if r["metric"] == "peak_alloc_gib" and r["value"] is not None:
+            config, shape = r["config"].split()
+            series.setdefault(f"{r['contender']} {config}", []).append((int(shape.split("x")[0]), r["value"]))
+    width, height, left, bottom = 560, 300, 60, 40
+    x_max = max([seq for points in series.values() for seq, _ in points] + [1])
+    x = lambda seq: left + width * seq / x_max  # noqa: E731
+    y = lambda gib: 20 + height * (1 - gib / gpu_gib)  # noqa: E731
+    colors = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2")
+    body = [f'<line x1="{left}" y1="{y(gpu_gib)}" x2="{left + width}" y2="{y(gpu_gib)}" stroke="#999" '
+            f'stroke-dasharray="4"/><text x="{left + 4}" y="{y(gpu_gib) + 14}">{gpu_gib:g} GiB GPU</text>',
+            f'<line x1="{left}" y1="{y(0)}" x2="{left + width}" y2="{y(0)}" stroke="#333"/>',
+            f'<line x1="{left}" y1="{y(0)}" x2="{left}" y2="{y(gpu_gib)}" stroke="#333"/>']
+    for tick in range(0, int(gpu_gib) + 1, 20):
+        body.append(f'<text x="{left - 6}" y="{y(tick) + 4}" text-anchor="end">{tick}</text>')
+    for tick in range(0, x_max + 1, 65536):
+        body.append(f'<text x="{x(tick):.1f}" y="{y(0) + 16}" text-anchor="middle">{tick // 1024}K</text>')
+    for i, (name, points) in enumerate(sorted(series.items())):
+        color, points = colors[i % len(colors)], sorted(points)
+        path = " ".join(f"{x(seq):.1f},{y(gib):.1f}" for seq, gib in points)
+        body.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for seq, gib in points:
+            body.append(f'<circle cx="{x(seq):.1f}" cy="{y(gib):.1f}" r="4" fill="{color}"/>'
+                        f'<text x="{x(seq) - 6:.1f}" y="{y(gib) - 8:.1f}" text-anchor="end">{seq:,}: '
+                        f'{gib:.1f}</text>')
+        body.append(f'<text x="{left + width - 150}" y="{40 + 16 * i}" fill="{color}">{name}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{height + bottom + 30}" '
+            f'font-family="sans-serif" font-size="12"><text x="{left}" y="14" font-size="14">Peak GPU memory of one '
+            f'step (GiB) against sequence length, batch 1</text>' + "".join(body)
+            + f'<text x="{left + width / 2}" y="{height + bottom + 10}" text-anchor="middle">tokens</text></svg>\n')
 
 
 def versions() -> dict:
