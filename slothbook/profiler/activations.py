@@ -19,6 +19,8 @@ were fitted to exact CPU allocation tracking (see docs/profiler.md).
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj")  # Phi-3 fuses q, k and v in qkv_proj
@@ -28,6 +30,7 @@ TILED_MLP_CHUNK = 4096  # train/tiled_mlp.py's default, which offloaded checkpoi
 LORA_BYTES = 4  # PEFT's adapters are fp32 over a 16-bit base
 IMPLEMENTATIONS = ("kernels", "hf")
 CHECKPOINTING = ("offload", "plain", "off")
+DEVICES = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -191,3 +194,46 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     where = "head" if at_head >= at_layer else "layer"
     offloaded = n_tokens * s.layers * a * s.hidden if checkpointing == "offload" else 0
     return ActivationEstimate(held + n_tokens * head_held, max(at_head, at_layer) - grads, where, offloaded)
+
+
+# ---- what CUDA's runtime adds -------------------------------------------------------------------------------
+
+# cuBLAS gets one workspace per (thread, stream) that runs a matmul, from PyTorch's caching allocator (so it is in
+# memory_allocated) and kept for the life of the process. A training step uses two: forward runs on the caller's
+# thread, backward (and the checkpointed recomputation) on autograd's device thread. cuBLASLt shares them.
+CUBLAS_THREADS = 2
+CUBLAS_LARGE = 4096 * 1024 * 8  # Hopper and Blackwell (compute capability 9, 10, 12)
+CUBLAS_SMALL = 4096 * 1024 * 2 + 16 * 1024 * 8  # older GPUs
+
+
+def cublas_workspace_bytes(capability: tuple[int, int] | None = None) -> int:
+    """Bytes of one cuBLAS workspace: CUBLAS_WORKSPACE_CONFIG's ":KiB:count" pairs when set, else PyTorch's
+    default for `capability` (the current GPU's; with no GPU visible, the larger Hopper size)."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    pairs = re.findall(r":(\d+):(\d+)", config or "")
+    if pairs:
+        return sum(int(kib) * 1024 * int(count) for kib, count in pairs)
+    if capability is None:
+        capability = _current_capability()
+    return CUBLAS_LARGE if capability is None or capability[0] in (9, 10, 12) else CUBLAS_SMALL
+
+
+def _current_capability() -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def cuda_runtime_bytes(device: str) -> int:
+    """Allocator bytes a CUDA training step holds that no tensor of the model or optimizer accounts for."""
+    return CUBLAS_THREADS * cublas_workspace_bytes() if device == "cuda" else 0
+
+
+def optimizer_step_transient(optimizer: str, lora_bytes: int, device: str) -> int:
+    """Bytes the optimizer step allocates for itself beside the named tensors.
+
+    torch's AdamW on CUDA defaults to its foreach implementation, which takes the square root of every second
+    moment into new tensors at once (one more copy of the adapters); on the CPU it steps one parameter at a
+    time. bitsandbytes' 8-bit AdamW and momentum-free SGD update in place.
+    """
+    return lora_bytes if optimizer == "adamw" and device == "cuda" else 0

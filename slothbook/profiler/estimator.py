@@ -15,7 +15,16 @@ from torch import nn
 
 from ..device import resolve_dtype
 from ..errors import ConfigError
-from .activations import CHECKPOINTING, IMPLEMENTATIONS, LORA_BYTES, Shape, activation_estimate
+from .activations import (
+    CHECKPOINTING,
+    DEVICES,
+    IMPLEMENTATIONS,
+    LORA_BYTES,
+    Shape,
+    activation_estimate,
+    cuda_runtime_bytes,
+    optimizer_step_transient,
+)
 from .samples import LABELS, format_bytes
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
@@ -208,6 +217,20 @@ def _check(seq_len, batch_size, r, checkpointing, optimizer, implementation):
                           "'hf' (transformers' and PEFT's own modules).")
 
 
+def _implementation(kernels, device, implementation) -> str:
+    """"kernels" or "hf": `implementation` when given, else `kernels`, else what from_pretrained picks on `device`
+    (the kernels on CUDA, transformers' own modules elsewhere)."""
+    if device not in DEVICES:
+        raise ConfigError(f"device={device!r}: use 'cuda' (planning for a GPU) or 'cpu'.")
+    if kernels not in (None, True, False):
+        raise ConfigError(f"kernels={kernels!r}: use True, False or None (on for CUDA).")
+    if implementation is not None:
+        return implementation
+    if kernels is None:
+        kernels = device == "cuda"
+    return "kernels" if kernels else "hf"
+
+
 class _Fixed:
     """What does not depend on sequence length or batch size, computed once per configuration."""
 
@@ -225,17 +248,23 @@ class _Fixed:
 
 def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 16, target_modules=None,
              load_in_4bit: bool = True, checkpointing: str = "offload", optimizer: str = "adamw",
-             dtype="bf16", gpu_memory: int | None = None, implementation: str = "kernels",
-             _fixed: _Fixed | None = None) -> Estimate:
+             dtype="bf16", gpu_memory: int | None = None, kernels: bool | None = None, device: str = "cuda",
+             implementation: str | None = None, _fixed: _Fixed | None = None) -> Estimate:
     """Predict the peak memory of one LoRA (QLoRA with load_in_4bit) training step without loading weights.
 
     model_name_or_config: a transformers config, a dict with model_type, a loaded model, or a name/path.
     checkpointing: "offload" (layer inputs in host memory), "plain" (layer inputs on the device) or "off".
     optimizer: "adamw" (torch), "adamw_8bit" (bitsandbytes) or "sgd" (no momentum: no state).
     dtype: the compute/activation dtype ("bf16", "fp16", "fp32"); the base weights' dtype when not 4-bit.
-    implementation: "kernels" for slothbook's patched model (GPU), "hf" for transformers' own modules (the CPU).
     gpu_memory: the budget in bytes, for `fits()` and the chart.
+    device: "cuda" (planning for a GPU, the default) or "cpu". On CUDA the step also holds cuBLAS's workspaces
+        and torch's AdamW steps all adapters at once (see activations.py).
+    kernels: slothbook's Triton kernels patched in (fused LoRA projections and MLP, RMSNorm and RoPE kernels, the
+        fused linear cross-entropy that never makes the [tokens x vocab] logits) or transformers' and PEFT's own
+        modules. None: as from_pretrained decides, on for CUDA and off for the CPU.
+    implementation: the older spelling of `kernels` ("kernels" or "hf"); when given it wins.
     """
+    implementation = _implementation(kernels, device, implementation)
     _check(seq_len, batch_size, r, checkpointing, optimizer, implementation)
     dtype = _resolve(dtype)
     config = resolve_config(model_name_or_config)
@@ -243,12 +272,18 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
     a = torch.empty((), dtype=dtype).element_size()
     act = activation_estimate(fixed.shape, seq_len * batch_size, a, r, fixed.targets, checkpointing,
                               implementation, grads=fixed.gradients, quantized=load_in_4bit)
+    # The optimizer step's own temporaries, with every gradient allocated (the convention `act.peak` follows).
+    step = optimizer_step_transient(optimizer, fixed.lora, device)
+    runtime = cuda_runtime_bytes(device)  # allocated from the first step on, through every phase
     values = {"weights": fixed.weights, "lora": fixed.lora, "gradients": fixed.gradients,
-              "optimizer": fixed.optimizer, "activations": act.peak}
+              "optimizer": fixed.optimizer, "activations": max(act.peak, step) + runtime}
     settings = dict(seq_len=seq_len, batch_size=batch_size, r=r, target_modules=sorted(fixed.targets),
                     load_in_4bit=load_in_4bit, checkpointing=checkpointing, optimizer=optimizer,
-                    dtype=str(dtype).removeprefix("torch."), gpu_memory=gpu_memory, implementation=implementation)
-    detail = dict(held_after_forward=act.held_after_forward, peak_where=act.peak_where, offloaded=act.offloaded)
+                    dtype=str(dtype).removeprefix("torch."), gpu_memory=gpu_memory, device=device,
+                    kernels=implementation == "kernels", implementation=implementation)
+    detail = dict(held_after_forward=act.held_after_forward + runtime,
+                  peak_where=act.peak_where if act.peak >= step else "optimizer step", offloaded=act.offloaded,
+                  cuda_runtime=runtime)
     return Estimate(values, settings, detail)
 
 

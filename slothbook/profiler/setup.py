@@ -48,5 +48,6 @@ def training_setup(model: nn.Module, optimizer=None, device_type: str = "cuda") 
         checkpointing=checkpointing_of(model, device_type),
         optimizer=optimizer_kind(optimizer),
         dtype=dtype,
-        implementation="kernels" if is_patched(model) else "hf",
+        kernels=is_patched(model),
+        device="cuda" if device_type == "cuda" else "cpu",
     )
