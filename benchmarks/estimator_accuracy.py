@@ -9,16 +9,21 @@ sequence length (2K, 8K, 32K by default):
   unprofiled  warm-up, then --steps timed steps without the profiler (the allocator's peak of the last one),
               and --steps more after the profiled ones: their mean is the baseline, their gap the drift
   profiled    the same steps inside `MemoryProfiler` (CPU: cpu_mode="exact", so the peak includes transients)
+              Beyond --overhead-max-seq tokens (default 8K) only the warm-up and one profiled step run: the
+              memory rows, no overhead rows (a 32K step takes seconds; the overhead is measured at 2K and 8K).
   estimate    `estimate(config, seq, 1, **training_setup(model, optimizer))`, from the config alone
 
 Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
   estimator_accuracy  peak_gib, weights_gib, activations_gib, held_after_forward_gib, offloaded_gib (measured /
                       estimate), ratio_to_measured (estimate's peak over the measured one), peak_before (the
-                      first phase sample at the step's peak) and peak_where (the estimate's: head or layer)
+                      first phase sample at the step's peak), peak_where (the estimate's: head, layer or
+                      optimizer step), cuda_runtime_gib (the estimate's cuBLAS workspaces) and, for sequences
+                      past --overhead-max-seq, the profiled step's step_time_ms
   profiler_overhead   step_time_ms (unprofiled / profiled), overhead_fraction (profiled / unprofiled - 1) and
                       drift_fraction (second unprofiled run / first - 1: noise to read the overhead against)
 
-  python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece, < 10 min
+  python benchmarks/estimator_accuracy.py --steps 2 --budget-s 330 --append   # the whole grid, ~4 min on an H100
+  python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece
   python benchmarks/estimator_accuracy.py --tiny           # CPU smoke test: tiny model, short sequences
 """
 
@@ -63,15 +68,16 @@ def main(argv=None) -> None:
                             else RESULTS))
     deadline = time.monotonic() + args.budget_s
     rows, notes, device = [], [], None
-    for config in args.configs:
+    for i, config in enumerate(args.configs):
         left = deadline - time.monotonic()
         if left < 30:
             notes.append(f"{config}: not run, time budget spent")
             continue
+        share = left / (len(args.configs) - i)  # an even share, so the last config is not starved
         spec = dict(config=config, tiny=args.tiny, seqs=args.seqs, modes=args.modes, steps=args.steps,
-                    budget_s=left - 20)
+                    overhead_max_seq=args.overhead_max_seq, budget_s=share - 20)
         result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
-                                             json.dumps(spec)], timeout=left)
+                                             json.dumps(spec)], timeout=share)
         rows += result.get("rows", [])
         notes += result.get("notes", [])
         device = device or result.get("device")
@@ -87,6 +93,8 @@ def parse_args(argv):
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step, per contender")
+    p.add_argument("--overhead-max-seq", type=int, default=8192,
+                   help="longer sequences get one profiled step and no overhead rows")
     p.add_argument("--budget-s", type=float, default=540, help="wall-clock budget (one 10-minute device command)")
     p.add_argument("--out", default=None)
     p.add_argument("--append", action="store_true", help="merge into an existing results file")
@@ -136,13 +144,15 @@ def worker(spec: dict) -> None:
                 notes.append(f"{name}: not run, time budget spent")
                 continue
             with accuracy.guard("measured", name, device):
-                measure(model, optimizer, seq, spec["steps"], device, name, accuracy, overhead)
+                measure(model, optimizer, seq, spec["steps"], device, name, accuracy,
+                        overhead if seq <= spec["overhead_max_seq"] else None)
             optimizer.zero_grad(set_to_none=True)
             common.free_memory(device)
     common.emit(result)
 
 
-def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> None:
+def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None) -> None:
+    """Estimate against the profiled peak; with an `overhead` recorder also the profiler's cost in step time."""
     import torch
 
     from slothbook.profiler import MemoryProfiler, estimate
@@ -170,13 +180,16 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> N
 
     step()  # warm-up: optimizer state, offload pool, kernel compilation
     common.sync(device)
-    before_ms = timed()
+    if overhead is None:
+        steps = 1  # memory only: one profiled step
+    else:
+        before_ms = timed()
     allocator_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     # CPU: "exact" tracks every allocation (the default "saved" mode cannot see backward's working set).
-    with MemoryProfiler(model, optimizer, cpu_mode="exact" if device.type == "cpu" else "saved") as prof:
+    with MemoryProfiler(model, optimizer, cpu_mode="exact" if device.type == "cpu" else "saved", live=False) as prof:
         profiled_ms = timed(prof.step)
-    after_ms = timed()  # unprofiled again: drift (clocks, pools warming up) shows as a gap between the two
-    plain_ms = (before_ms + after_ms) / 2
+    if overhead is None and allocator_peak is not None:  # no unprofiled step: the profiled one's own peak
+        allocator_peak = torch.cuda.max_memory_allocated(device)
     measured = prof.steps[-1]
     phases = [s for s in prof.samples if s.step == measured.step and s.phase != "peak"]
     # The first phase whose running peak reached the step's: the peak happened before that sample.
@@ -200,6 +213,12 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead) -> N
     accuracy.add("measured", name, "offloaded_gib", measured.offloaded / GIB, "GiB")
     accuracy.add("estimate", name, "offloaded_gib", est.detail["offloaded"] / GIB, "GiB")
     accuracy.add("estimate", name, "implementation", est.settings["implementation"], "name")
+    accuracy.add("estimate", name, "cuda_runtime_gib", est.detail["cuda_runtime"] / GIB, "GiB")
+    if overhead is None:
+        accuracy.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
+        return
+    after_ms = timed()  # unprofiled again: drift (clocks, pools warming up) shows as a gap between the two
+    plain_ms = (before_ms + after_ms) / 2
     overhead.add("unprofiled", name, "step_time_ms", round(plain_ms, 2), "ms")
     overhead.add("unprofiled", name, "drift_fraction", round(after_ms / before_ms - 1, 4), "fraction")
     overhead.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
