@@ -28,6 +28,7 @@ STEPS = 3  # the panel's Train button runs this many steps (the notebook's own c
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(1800),  # the waits below add up to less; a hang ends here with a stack dump
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium "
                        "(apt-get install chromium); no browser is downloaded"),
 ]
