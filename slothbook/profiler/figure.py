@@ -56,6 +56,21 @@ def update_figure(fig, steps: list[Sample]) -> None:
     with fig.batch_update():
         for trace, y in zip(fig.data, columns):
             trace.x, trace.y = x, y
+        _fit_memory_axis(fig, steps)
+
+
+def _fit_memory_axis(fig, steps: list[Sample]) -> None:
+    """Scale the memory axis to the stack when the device total is far above it (a small model on a large GPU,
+    or the CPU's whole machine), so the categories stay readable; the title then names the total instead."""
+    top = max((max(s.held, s.peak) for s in steps), default=0)
+    capacity = max((s.capacity for s in steps), default=0)
+    title = fig.layout.annotations[0]
+    if top and capacity > 3 * top:
+        fig.update_yaxes(range=[0, 1.15 * top / GIB], row=1, col=1)
+        title.text = f"Memory by category (GiB); total {capacity / GIB:.1f} GiB, off the scale"
+    else:
+        fig.update_yaxes(autorange=True, row=1, col=1)
+        title.text = "Memory by category (GiB)"
 
 
 def save_html(fig, path) -> None:
