@@ -113,9 +113,10 @@ def test_guard_skips_the_update_of_a_real_optimizer(fused):
 
 
 @pytest.mark.gpu
-def test_fp16_training_keeps_loss_scaling_and_its_overflow_message(tmp_path):
+def test_fp16_training_keeps_loss_scaling_and_its_overflow_message(tmp_path, train_model_name):
     poison = PoisonSteps(range(2, 100))
     with pytest.raises(TrainingError, match="fp16 overflow"):
-        run_finetune(tiny(tmp_path, dtype="fp16", steps=8, max_bad_steps=2), callbacks=[poison])
-    result = run_finetune(tiny(tmp_path / "ok", dtype="fp16", steps=2))
+        run_finetune(tiny(tmp_path, model=train_model_name, dtype="fp16", steps=8, max_bad_steps=2),
+                     callbacks=[poison])
+    result = run_finetune(tiny(tmp_path / "ok", model=train_model_name, dtype="fp16", steps=2))
     assert result.trainer.accelerator.scaler is not None and result.trainer.args.fp16
