@@ -40,6 +40,19 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (a host sync; only under torch.distributed)."""
+    if not distributed():
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def checkpoints(folder: str | Path) -> list[Path]:
     """The whole checkpoints in `folder`, oldest step first."""
     folder = Path(folder)

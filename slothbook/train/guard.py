@@ -26,7 +26,8 @@ def nonfinite_flag(params) -> torch.Tensor | None:
     if not grads:
         return None
     norms = torch._foreach_norm(grads)
-    return (~torch.isfinite(torch.stack([n.float() for n in norms]).sum())).float()
+    device = grads[0].device
+    return (~torch.isfinite(torch.stack([n.float().to(device) for n in norms]).sum())).float()
 
 
 def _inner(optimizer):

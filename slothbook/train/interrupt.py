@@ -14,6 +14,8 @@ import threading
 
 from transformers import TrainerCallback
 
+from .checkpoints import any_rank
+
 _SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
@@ -71,7 +73,9 @@ class GracefulStop(TrainerCallback):
         self.install_signals()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested and state.global_step < state.max_steps:
+        # Under torch.distributed each rank gets its own signal; all must stop at the same step.
+        if any_rank(self.requested) and state.global_step < state.max_steps:
+            self.request(self.reason or "another rank")
             control.should_training_stop = True
             control.should_save = True  # Trainer writes the checkpoint right after this event
 
