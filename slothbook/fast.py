@@ -44,6 +44,8 @@ class FastLanguageModel:
             rope_scaling=rope_scaling, kernels=kernels, **kwargs,
         )
         model.slothbook_tokenizer = tokenizer
+        if hasattr(model, "peft_config"):  # a saved adapter folder comes back as a PeftModel: export it the same way
+            _bind_exports(model)
         return model, tokenizer
 
     @staticmethod
@@ -70,10 +72,14 @@ class FastLanguageModel:
             peft_model.max_seq_length = max_seq_length
         set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
         for_training(peft_model)
-        # Unsloth's export methods, on the model: model.save_pretrained_merged(path, tokenizer, save_method=...)
-        peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
-        peft_model.save_pretrained_gguf = types.MethodType(save_pretrained_gguf, peft_model)
+        _bind_exports(peft_model)
         return peft_model
 
     for_inference = staticmethod(for_inference)
     for_training = staticmethod(for_training)
+
+
+def _bind_exports(peft_model) -> None:
+    """Unsloth's export methods, on the model: model.save_pretrained_merged(path, tokenizer, save_method=...)."""
+    peft_model.save_pretrained_merged = types.MethodType(save_pretrained_merged, peft_model)
+    peft_model.save_pretrained_gguf = types.MethodType(save_pretrained_gguf, peft_model)

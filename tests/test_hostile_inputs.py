@@ -392,4 +392,5 @@ def test_adapter_folder_loads_onto_its_base(w):
     assert saved and all(torch.equal(p, loaded[n]) for n, p in saved.items())
     assert any(p.requires_grad for n, p in loaded.items() if "lora_" in n)  # it can train on
     assert len(tok) == len(w.tok)
+    assert callable(model.save_pretrained_merged) and callable(model.save_pretrained_gguf)  # exports like any other
 
