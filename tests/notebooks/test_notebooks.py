@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from ui.kernel import KERNEL_ENV
+
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 CELL_TIMEOUT_S = 300  # a cell that hangs fails with nbval's timeout error naming it
 ALL_TIMEOUT_S = 1200  # the budget is 8 minutes on 2 idle cores; this leaves room for a shared machine
@@ -29,7 +31,7 @@ def test_every_notebook_runs_under_nbval(tmp_path):
                          "04_export_gguf.ipynb", "05_studio.ipynb"]
     for name in names:
         shutil.copy(NOTEBOOKS / name, tmp_path / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **KERNEL_ENV}  # one torch thread: two spin-waiting ones crawl on a busy 2-core machine
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "--nbval-lax", f"--nbval-cell-timeout={CELL_TIMEOUT_S}", "-p",
          "no:cacheprovider", "-q", "--durations=0", "--rootdir", str(tmp_path), str(tmp_path)],
