@@ -160,3 +160,51 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one_whole(tmp_pat
     monkeypatch.undo()
     assert_whole(folder / "checkpoint-4", 4)
     assert no_partials(folder) == []
+
+
+DDP_WORKER = '''
+import json, sys, torch
+from pathlib import Path
+from datasets import Dataset
+from slothbook import FastLanguageModel
+from slothbook.data import demo_dataset_path
+from slothbook.train.job import save_adapter
+from slothbook.train.sft import TrainArgs, build_trainer
+
+torch.set_num_threads(1)
+rows = [json.loads(line)["text"] for line in demo_dataset_path().read_text().splitlines() if line.strip()][:32]
+model, tok = FastLanguageModel.from_pretrained(sys.argv[1], max_seq_length=64, dtype=torch.float32, load_in_4bit=False)
+model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=False)
+out = Path(sys.argv[2])
+args = TrainArgs(output_dir=str(out / "checkpoints"), max_steps=4, per_device_train_batch_size=1, max_seq_length=64,
+                 logging_steps=1, warmup_steps=0, save_steps=2, save_total_limit=1, disable_tqdm=True)
+build_trainer(model, tok, Dataset.from_dict({"text": rows}), args).train()
+save_adapter(model, tok, out / "adapter")
+'''
+
+
+def test_two_ddp_ranks_write_one_whole_checkpoint_and_one_adapter(tmp_path, train_model_name):
+    """torchrun, two gloo processes on the CPU: each rank's RNG state lands in the one checkpoint, rank 0 renames."""
+    import socket
+
+    from slothbook.models.loader import resolve_source
+
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                          "127.0.0.1", "--master-port", str(port), str(tmp_path / "worker.py"),
+                          resolve_source(train_model_name), str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    folder = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["checkpoint-4"]
+    checkpoint = folder / "checkpoint-4"
+    assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"):
+        assert (checkpoint / name).is_file(), name
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+    assert no_partials(tmp_path / "out") == []
