@@ -15,34 +15,23 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..errors import ConfigError
+from .distributed import is_main_process, wait_for_everyone
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _PARTIAL = re.compile(r"^\.checkpoint-\d+\.partial-")
 _STAGE = ".stage"  # Trainer writes `<its output dir>/checkpoint-<step>`; we point its output dir here, inside the temp
 
 
-def distributed() -> bool:
+def _together() -> bool:
+    """Several processes in one initialised process group (torchrun, accelerate launch)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_rank_zero() -> bool:
-    import torch.distributed as dist
-
-    return not distributed() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if distributed():
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any (a host sync; only under torch.distributed)."""
-    if not distributed():
+    if not _together():
         return flag
     import torch
     import torch.distributed as dist
@@ -77,7 +66,7 @@ def latest_checkpoint(folder: str | Path) -> Path:
 def remove_partials(folder: str | Path) -> None:
     """Delete temporary checkpoint folders that a killed process (SIGKILL, power loss) left behind."""
     folder = Path(folder)
-    if folder.is_dir() and is_rank_zero():
+    if folder.is_dir() and is_main_process():
         for p in folder.iterdir():
             if _PARTIAL.match(p.name):
                 shutil.rmtree(p, ignore_errors=True)
@@ -85,7 +74,7 @@ def remove_partials(folder: str | Path) -> None:
 
 def rotate(folder: str | Path, keep: int | None, protect: str | Path | None = None) -> None:
     """Keep the `keep` newest checkpoints (and `protect`, the best one); delete the rest, oldest first."""
-    if not keep or keep <= 0 or not is_rank_zero():
+    if not keep or keep <= 0 or not is_main_process():
         return
     found = checkpoints(folder)
     protected = Path(protect).resolve() if protect else None
@@ -97,7 +86,7 @@ def rotate(folder: str | Path, keep: int | None, protect: str | Path | None = No
 @contextlib.contextmanager
 def _shared_atomic_dir(final: Path):
     """`atomic_dir` that every rank writes into: rank 0 creates it and tells the others its name."""
-    if not distributed():
+    if not _together():
         with atomic_dir(final) as tmp:
             yield tmp
         return
@@ -136,8 +125,8 @@ class AtomicCheckpoints:
                 super()._save_checkpoint(model, trial)
             finally:
                 self._stage_dir = None
-            barrier()  # every rank has written its RNG state before rank 0 moves the files
-            if is_rank_zero():
+            wait_for_everyone()  # every rank has written its RNG state before rank 0 moves the files
+            if is_main_process():
                 written = tmp / _STAGE / name
                 for f in written.iterdir():
                     f.rename(tmp / f.name)
