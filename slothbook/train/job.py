@@ -12,8 +12,9 @@ from pathlib import Path
 
 from ..atomic import atomic_dir
 from ..errors import ConfigError, DatasetError, TrainingError
-from .checkpoints import barrier, is_rank_zero, latest_checkpoint, remove_partials
+from .checkpoints import latest_checkpoint, remove_partials
 from .config import FinetuneConfig
+from .distributed import is_main_process, wait_for_everyone
 from .guard import NonFiniteGuard
 from .interrupt import GracefulStop
 from .sft import TrainArgs, build_trainer
@@ -137,10 +138,10 @@ def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite and any(path.iterdir()):
         raise ConfigError(f"{path} already exists; pass overwrite=True to replace it.")
-    if is_rank_zero():
+    if is_main_process():
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-    barrier()
+    wait_for_everyone()
     return path
