@@ -55,8 +55,16 @@ def cmd_finetune(ns) -> int:
     profiler = MemoryProfiler(live=False)
     with profiler.oom_guard():  # an out-of-memory names the step, phase, largest category and what would fit
         result = run_finetune(cfg, callbacks=[profiler.callback()])
+    from .profiler import gather_peaks, peaks_line
+    from .train.distributed import is_main_process
+
+    peaks = gather_peaks(profiler)  # a collective under torchrun: every rank takes part, rank 0 prints
+    if not is_main_process():
+        return 0
     print()
     print(profiler.summary())
+    if len(peaks) > 1:
+        print(peaks_line(peaks))
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (float("nan"),) * 2
     print(f"\nloss {first:.4f} -> {last:.4f} in {result.seconds:.1f} s")
     print(f"adapter saved to {result.adapter_dir}")

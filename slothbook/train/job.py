@@ -14,7 +14,7 @@ from ..atomic import atomic_dir
 from ..errors import ConfigError, DatasetError, TrainingError
 from .checkpoints import latest_checkpoint, remove_partials
 from .config import FinetuneConfig
-from .distributed import is_main_process, wait_for_everyone
+from .distributed import check_distributed, gathered_state_dict, is_main_process, wait_for_everyone
 from .guard import NonFiniteGuard
 from .interrupt import GracefulStop
 from .sft import TrainArgs, build_trainer
@@ -44,13 +44,17 @@ def load_training_dataset(cfg: FinetuneConfig, tokenizer):
     if cfg.chat_template:
         tokenizer = get_chat_template(tokenizer, cfg.chat_template)
     if cfg.text_field in ds.column_names and not (cfg.chat_template or cfg.responses_only):
+        from ..data import check_lengths
+
+        check_lengths(ds, tokenizer, cfg.max_seq_length, cfg.text_field)  # warns once: over-long rows get cut
         return ds, tokenizer
     try:
         shape = detect_shape(ds)
     except DatasetError as exc:
         raise DatasetError(f"{exc} The text field '{cfg.text_field}' is not among them either: pass --text-field "
                            "with the column that holds the training text.") from exc
-    print(f"dataset: {len(ds)} rows in the {shape} shape")
+    if is_main_process():
+        print(f"dataset: {len(ds)} rows in the {shape} shape")
     ds = standardize(ds)
     if "messages" not in ds.column_names and cfg.text_field != "text":
         ds = ds.rename_column("text", cfg.text_field)
@@ -67,10 +71,11 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
     """
     from ..fast import FastLanguageModel
 
+    check_distributed(cfg.dtype)
     out = cfg.output_dir()
     checkpoint = _resume_from(cfg, out)
     if checkpoint is None:
-        _check_output(out, cfg.overwrite)  # resuming replaces the adapter this run saved when it was stopped
+        _check_output(cfg.adapter_path(out), cfg.overwrite)  # resuming replaces the adapter this run saved when it was stopped
     if model is None:
         model, tokenizer = FastLanguageModel.from_pretrained(
             cfg.model, max_seq_length=cfg.max_seq_length, dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
@@ -79,7 +84,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
             use_gradient_checkpointing=cfg.gradient_checkpointing)
     dataset, tokenizer = load_training_dataset(cfg, tokenizer)
     args = TrainArgs(
-        output_dir=str(out / "checkpoints"), max_steps=cfg.steps, learning_rate=cfg.lr,
+        output_dir=str(cfg.checkpoints_path(out)), max_steps=cfg.steps, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_seq_length=cfg.max_seq_length, text_field=cfg.text_field, logging_steps=cfg.logging_steps,
         seed=cfg.seed, save_steps=cfg.save_steps, warmup_steps=min(5, cfg.steps // 10),
@@ -99,8 +104,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
     finally:
         stop.restore_signals()  # train() raised before on_train_end could
     seconds = time.perf_counter() - start
-    adapter_dir = out / "adapter"
-    save_adapter(model, tokenizer, adapter_dir, overwrite=cfg.overwrite or checkpoint is not None)
+    adapter_dir = cfg.adapter_path(out)
+    state = gathered_state_dict(trainer)  # FSDP: every rank takes part in assembling the shards
+    save_adapter(model, tokenizer, adapter_dir, overwrite=cfg.overwrite or checkpoint is not None, state_dict=state)
     if guard.error is not None:
         raise TrainingError(f"{guard.error} The adapter of the last good step is saved in {adapter_dir}.")
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -117,21 +123,20 @@ def _resume_from(cfg: FinetuneConfig, out: Path) -> Path | None:
     if cfg.resume is True:
         if cfg.output is None:
             raise ConfigError("resume=True continues the run in an output folder: pass output= (--output) of the run.")
-        return latest_checkpoint(out / "checkpoints")
+        return latest_checkpoint(cfg.checkpoints_path(out))
     path = Path(cfg.resume).expanduser()
     if not path.exists():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint folder. Pass resume=True for the latest one "
-                          f"under {out / 'checkpoints'}.")
+                          f"under {cfg.checkpoints_path(out)}.")
     return latest_checkpoint(path)
 
 
-def _check_output(out: Path, overwrite: bool) -> None:
-    adapter = out / "adapter"
+def _check_output(adapter: Path, overwrite: bool) -> None:
     if adapter.exists() and any(adapter.iterdir()) and not overwrite:
         raise ConfigError(f"{adapter} already holds an adapter. Choose another --output, or pass --overwrite to replace it.")
 
 
-def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
+def save_adapter(model, tokenizer, path: Path, overwrite: bool = False, state_dict=None) -> Path:
     """Write the PEFT adapter and tokenizer to a temporary folder, then rename it into place.
 
     Under torch.distributed only rank 0 writes; every rank waits until the adapter is in place."""
@@ -140,7 +145,7 @@ def save_adapter(model, tokenizer, path: Path, overwrite: bool = False) -> Path:
         raise ConfigError(f"{path} already exists; pass overwrite=True to replace it.")
     if is_main_process():
         with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
     wait_for_everyone()

@@ -9,6 +9,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from ..device import world_size
 from ..errors import ConfigError
 
 
@@ -74,6 +75,8 @@ def sft_config(args: TrainArgs, model_dtype: torch.dtype):
         report_to="none",
         dataloader_num_workers=0,
         dataset_num_proc=1,
+        # LoRA under DDP uses every trainable parameter each step: skip DDP's per-step search for unused ones.
+        ddp_find_unused_parameters=False if world_size() > 1 else None,
         disable_tqdm=args.disable_tqdm,
     )
 
