@@ -54,7 +54,7 @@ def plan(model: str, seq_len: int, batch_size: int = 1, r: int = 16, load_in_4bi
     checkpointing = "plain" if offload and target.cpu else ("offload" if offload else "plain")
     return estimate(model, seq_len=seq_len, batch_size=batch_size, r=r, load_in_4bit=load_in_4bit,
                     checkpointing=checkpointing, optimizer=optimizer, dtype=target.dtype, gpu_memory=target.budget,
-                    implementation=target.implementation)
+                    implementation=target.implementation, device="cpu" if target.cpu else "cuda")
 
 
 def estimate_table(est: Estimate):
@@ -74,7 +74,7 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
     s = est.settings
     fit = max_fit(model, budget, seq_len=s["seq_len"], batch_size=s["batch_size"], r=s["r"],
                   load_in_4bit=s["load_in_4bit"], checkpointing=s["checkpointing"], optimizer=s["optimizer"],
-                  dtype=s["dtype"], implementation=s["implementation"])
+                  dtype=s["dtype"], implementation=s["implementation"], device="cpu" if target.cpu else "cuda")
     hints = [] if s["load_in_4bit"] else ["load in 4-bit"]
     if s["checkpointing"] != "offload" and not target.cpu:
         hints.append("offload activations")
