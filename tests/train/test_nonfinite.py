@@ -13,12 +13,7 @@ from slothbook.train.guard import NonFiniteGuard
 from slothbook.train.job import FinetuneConfig, run_finetune
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def tiny(output, **kw) -> FinetuneConfig:

@@ -17,13 +17,7 @@ from slothbook.train.job import FinetuneConfig, run_finetune
 STEPS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The box is shared; one thread is faster here and keeps the reduction order the same in every run.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/train/conftest.py
 
 
 def tiny(output, **kw) -> FinetuneConfig:
