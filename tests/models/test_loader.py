@@ -97,6 +97,7 @@ def test_bf16_on_gpu_without_it(monkeypatch):
     monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(device.torch.cuda, "get_device_capability", lambda *a: (7, 5))
     monkeypatch.setattr(device.torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(device.torch.cuda, "current_device", lambda: 0)  # bf16_supported asks which GPU is current
     with pytest.raises(DeviceError, match="T4.*float16"):
         device.resolve_dtype("bf16")
     assert device.resolve_dtype(None) == torch.float16
