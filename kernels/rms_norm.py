@@ -10,12 +10,12 @@ input dtype and the output has the input's dtype. Two casting conventions match 
 ``casting=None`` picks ``"gemma"`` when ``offset != 0`` and ``"llama"`` otherwise. Unlike HF with an fp32 weight
 and a bf16 input (which returns fp32), the output is always in the input dtype.
 
-Forward saves the input, the weight and one fp32 inverse RMS per row. Backward is a persistent grid (two
-programs per SM at hidden 4096): each program walks a contiguous run of rows in tiles of ``block_rows`` rows, writes dx per row,
-prefetches the next tile while it reduces the current one, and accumulates its share of the weight gradient in
-fp32 registers. Each program writes its partial once into a ``[programs, hidden]`` fp32 buffer, which one ``sum``
-reduces: no atomics. The weight gradient is skipped when the weight needs no gradient (frozen norms in LoRA
-training).
+Forward saves the input, the weight and one fp32 inverse RMS per row. Backward is a persistent grid (one
+program per SM by default): each program walks a contiguous run of rows in tiles of ``block_rows`` rows, writes dx
+per row, prefetches the next tile while it reduces the current one, and accumulates its share of the weight
+gradient in fp32 registers. Each program writes its partial once into a ``[programs, hidden]`` fp32 buffer, which a
+second small kernel sums per column, in a fixed order, and writes in the weight's dtype: no atomics, deterministic.
+The weight gradient is skipped when the weight needs no gradient (frozen norms in LoRA training).
 """
 
 from __future__ import annotations
@@ -51,9 +51,13 @@ __all__ = [
 ]
 
 _CASTINGS = ("llama", "gemma")
+_DW_REDUCTIONS = ("triton", "torch")
 
 # Backward launch shape: elements per tile (rows x padded hidden); see backward_schedule.
 _BWD_TILE = 4096
+# The dW partial reduction: columns per program (one 128-byte line of fp32 per partial row) and partial rows per step.
+_SUM_COLS = 32
+_SUM_ROWS = 64
 
 
 @triton.jit
@@ -138,6 +142,25 @@ def _rms_norm_bwd_kernel(
         tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cols < n_cols)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    PARTIAL, OUT,
+    n_partials, n_cols,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One strip of BLOCK_N columns per program: sums the programs' fp32 partials of those columns in a fixed
+    # order and writes them in the output's dtype (the sum and the cast of dw in one launch).
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols[None, :] < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for start in range(0, n_partials, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        mask = (rows[:, None] < n_partials) & col_mask
+        acc += tl.load(PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < n_cols)
+
+
 @dataclass(frozen=True)
 class BackwardSchedule:
     """How the backward spreads rows over persistent programs (see ``backward_schedule``)."""
@@ -148,16 +171,15 @@ class BackwardSchedule:
 
 
 def backward_schedule(
-    n_cols: int, programs_per_sm: int | None = None, block_rows: int | None = None
+    n_cols: int, programs_per_sm: int | None = None, block_rows: int | None = None, num_warps: int | None = None
 ) -> BackwardSchedule:
     """The backward's launch shape for rows of ``n_cols``.
 
     Tiles of at least ``_BWD_TILE`` elements: one row for hidden sizes of 4096 and up, several short rows at a
     time below that (a 576-wide row alone would leave most lanes of a program idle). One warp per 512 elements
     (16 per thread: x, dy, the prefetched next tile and the dW accumulator fit in about 114 registers on sm_90).
-    One program per SM: on the H100 (benchmarks/results/kernels.json, 8192x4096 bf16) two resident programs per
-    SM ran the backward 3.2x slower than one (0.436 vs 0.135 ms); the prefetch of the next tile already keeps
-    a load in flight.
+    One program per SM, as Liger launches its backward (the prefetch of the next tile keeps a load in flight).
+    Each argument given overrides its part of the choice (for tests and A/B timing in benchmarks/kernels.py).
     """
     block = row_block_size(n_cols)
     block_rows = max(1, _BWD_TILE // block) if block_rows is None else block_rows
@@ -168,7 +190,11 @@ def backward_schedule(
         programs_per_sm = 1
     if programs_per_sm < 1:
         raise ConfigError(f"programs_per_sm must be at least 1, got {programs_per_sm}")
-    return BackwardSchedule(programs_per_sm, block_rows, min(32, max(4, tile // 512)))
+    if num_warps is None:
+        num_warps = min(32, max(4, tile // 512))
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ConfigError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+    return BackwardSchedule(programs_per_sm, block_rows, num_warps)
 
 
 def _resolve_casting(casting: str | None, offset: float) -> str:
@@ -239,13 +265,19 @@ def rms_norm_backward(
     *,
     programs_per_sm: int | None = None,
     block_rows: int | None = None,
+    num_warps: int | None = None,
+    dw_reduction: str = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the backward kernel. Returns ``(dx, dw)``; dw is None when ``compute_dw`` is False.
 
     ``dx`` (optional) receives the input gradient; it may be ``dy`` itself (each row is read before it is
-    written). dw has the weight's dtype, reduced in fp32. ``programs_per_sm`` and ``block_rows`` (a power of
-    two) override ``backward_schedule``'s choice, for tests and benchmarks.
+    written). dw has the weight's dtype, reduced in fp32. ``programs_per_sm``, ``block_rows`` (a power of
+    two) and ``num_warps`` override ``backward_schedule``'s choice; ``dw_reduction="torch"`` sums the
+    per-program partials with ``torch.sum`` and a cast (two launches) instead of the one-launch Triton
+    reduction. For tests and A/B timing.
     """
+    if dw_reduction not in _DW_REDUCTIONS:
+        raise ConfigError(f"dw_reduction must be one of {_DW_REDUCTIONS}, got {dw_reduction!r}")
     _check_shapes(x, weight)
     check_device(dy, x, weight)
     x_rows = as_rows(x)
@@ -258,7 +290,7 @@ def rms_norm_backward(
     dx_rows = writable_rows(dx)
     dx_work = dx_rows if dx_rows is not None else torch.empty_like(x_rows)
 
-    sched = backward_schedule(n_cols, programs_per_sm, block_rows)
+    sched = backward_schedule(n_cols, programs_per_sm, block_rows, num_warps)
     n_programs = num_programs_for(x.device, n_rows, per_sm=sched.programs_per_sm)
     # Whole tiles per program, so a tile never straddles two programs' row ranges.
     rows_per_program = triton.cdiv(triton.cdiv(n_rows, n_programs), sched.block_rows) * sched.block_rows
@@ -287,7 +319,19 @@ def rms_norm_backward(
         return dx, None
     if n_rows == 0:
         return dx, torch.zeros_like(weight)
-    return dx, dw_partial.sum(dim=0).to(weight.dtype)
+    return dx, _sum_partials(dw_partial, weight.dtype, dw_reduction)
+
+
+def _sum_partials(partial: torch.Tensor, dtype: torch.dtype, how: str) -> torch.Tensor:
+    """Column sums of the ``[programs, hidden]`` fp32 partials, in ``dtype``."""
+    if how == "torch":
+        return partial.sum(dim=0).to(dtype)
+    n_partials, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    _sum_partials_kernel[(triton.cdiv(n_cols, _SUM_COLS),)](
+        partial, out, n_partials, n_cols, BLOCK_P=_SUM_ROWS, BLOCK_N=_SUM_COLS, num_warps=4,
+    )
+    return out
 
 
 class RMSNormFunction(torch.autograd.Function):

@@ -10,9 +10,9 @@ in the rotate_half convention::
     out[half:] = x[half:] * cos[half:] + x[:half] * sin[half:]
 
 so every scaling scheme (linear, dynamic, llama3, yarn...) and packed-sequence position ids come in through
-cos/sin. One program handles one (batch, position) token: it loads that token's cos/sin once and rotates every
-q and k head with them, as one [q heads, head_dim/2] tile and one [k heads, head_dim/2] tile per half, all four
-loaded before anything is stored. Math is fp32.
+cos/sin. One program handles ``tokens_per_program`` (batch, position) tokens (one by default): it loads their
+cos/sin once and rotates every q and k head with them, as one [tokens, q heads, head_dim/2] tile and one
+[tokens, k heads, head_dim/2] tile per half, all four loaded before anything is stored. Math is fp32.
 
 Backward applies the transposed rotation (x1*cos1 + x2*sin2, x2*cos2 - x1*sin1), which is the inverse rotation
 (rotate with -sin) when the halves of cos/sin are equal, as in every HF model, and the exact gradient otherwise.
@@ -54,14 +54,22 @@ def _head_tile(head_stride, h0, n_heads, half, BLOCK_H: tl.constexpr, BLOCK_D: t
 
 
 @triton.jit
-def _rotate(x1, x2, cos1, cos2, sin1, sin2, BACKWARD: tl.constexpr):
-    if BACKWARD:
-        y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
-        y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
+def _rotate_tile(base, t_mask, head_stride, h0, n_heads, half, cos1, cos2, sin1, sin2,
+                 BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load both halves of heads h0..h0+BLOCK_H of every token (``base``: one pointer per token); return the
+    rotated halves, their pointers and mask, for the caller to store once every load has been issued."""
+    offs, mask = _head_tile(head_stride, h0, n_heads, half, BLOCK_H, BLOCK_D)
+    ptrs = base[:, None, None] + offs[None, :, :]
+    mask = t_mask[:, None, None] & mask[None, :, :]
+    x1 = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptrs + half, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:  # the transposed rotation
+        y1 = x1 * cos1 + x2 * sin2
+        y2 = x2 * cos2 - x1 * sin1
     else:
-        y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-        y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-    return y1, y2
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    return y1, y2, ptrs, mask
 
 
 @triton.jit
@@ -70,42 +78,41 @@ def _rope_kernel(
     K, k_stride_b, k_stride_h, k_stride_s,
     COS, cos_stride_b, cos_stride_s,
     SIN, sin_stride_b, sin_stride_s,
-    seq_len, n_q_heads, n_k_heads, half, n_tiles,
+    n_tokens, seq_len, n_q_heads, n_k_heads, half, n_tiles,
     BACKWARD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_HQ: tl.constexpr,
     BLOCK_HK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
-    b = token // seq_len
-    s = token % seq_len
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = tokens < n_tokens
+    b = tokens // seq_len
+    s = tokens % seq_len
 
+    # cos/sin of each token, loaded once and broadcast over its heads: [tokens, 1, half].
     d = tl.arange(0, BLOCK_D)
-    dmask = d < half
-    cos_row = COS + b * cos_stride_b + s * cos_stride_s
-    sin_row = SIN + b * sin_stride_b + s * sin_stride_s
-    cos1 = tl.load(cos_row + d, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(cos_row + half + d, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_row + d, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_row + half + d, mask=dmask, other=0.0).to(tl.float32)
+    dmask = t_mask[:, None] & (d[None, :] < half)
+    cos_row = COS + (b * cos_stride_b + s * cos_stride_s)[:, None] + d[None, :]
+    sin_row = SIN + (b * sin_stride_b + s * sin_stride_s)[:, None] + d[None, :]
+    cos1 = tl.load(cos_row, mask=dmask, other=0.0).to(tl.float32)[:, None, :]
+    cos2 = tl.load(cos_row + half, mask=dmask, other=0.0).to(tl.float32)[:, None, :]
+    sin1 = tl.load(sin_row, mask=dmask, other=0.0).to(tl.float32)[:, None, :]
+    sin2 = tl.load(sin_row + half, mask=dmask, other=0.0).to(tl.float32)[:, None, :]
 
     q_base = Q + b * q_stride_b + s * q_stride_s
     k_base = K + b * k_stride_b + s * k_stride_s
     # One tile of q heads and one of k heads per step (one step for every common head count): all four half-head
     # loads are issued before the first store, so both tensors' reads are in flight together.
     for t in range(0, n_tiles):
-        q_offs, q_mask = _head_tile(q_stride_h, t * BLOCK_HQ, n_q_heads, half, BLOCK_HQ, BLOCK_D)
-        k_offs, k_mask = _head_tile(k_stride_h, t * BLOCK_HK, n_k_heads, half, BLOCK_HK, BLOCK_D)
-        q1 = tl.load(q_base + q_offs, mask=q_mask, other=0.0).to(tl.float32)
-        q2 = tl.load(q_base + q_offs + half, mask=q_mask, other=0.0).to(tl.float32)
-        k1 = tl.load(k_base + k_offs, mask=k_mask, other=0.0).to(tl.float32)
-        k2 = tl.load(k_base + k_offs + half, mask=k_mask, other=0.0).to(tl.float32)
-        q1, q2 = _rotate(q1, q2, cos1, cos2, sin1, sin2, BACKWARD)
-        k1, k2 = _rotate(k1, k2, cos1, cos2, sin1, sin2, BACKWARD)
-        tl.store(q_base + q_offs, q1.to(Q.dtype.element_ty), mask=q_mask)
-        tl.store(q_base + q_offs + half, q2.to(Q.dtype.element_ty), mask=q_mask)
-        tl.store(k_base + k_offs, k1.to(K.dtype.element_ty), mask=k_mask)
-        tl.store(k_base + k_offs + half, k2.to(K.dtype.element_ty), mask=k_mask)
+        q1, q2, q_ptrs, q_mask = _rotate_tile(q_base, t_mask, q_stride_h, t * BLOCK_HQ, n_q_heads, half,
+                                              cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HQ, BLOCK_D)
+        k1, k2, k_ptrs, k_mask = _rotate_tile(k_base, t_mask, k_stride_h, t * BLOCK_HK, n_k_heads, half,
+                                              cos1, cos2, sin1, sin2, BACKWARD, BLOCK_HK, BLOCK_D)
+        tl.store(q_ptrs, q1.to(Q.dtype.element_ty), mask=q_mask)
+        tl.store(q_ptrs + half, q2.to(Q.dtype.element_ty), mask=q_mask)
+        tl.store(k_ptrs, k1.to(K.dtype.element_ty), mask=k_mask)
+        tl.store(k_ptrs + half, k2.to(K.dtype.element_ty), mask=k_mask)
 
 
 def _as_table(t: torch.Tensor, batch: int, seq: int, head_dim: int, name: str) -> torch.Tensor:
@@ -130,7 +137,15 @@ def _check_qk(q: torch.Tensor, k: torch.Tensor) -> None:
         raise ConfigError(f"head_dim must be even, got {q.shape[-1]}")
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
+def _check_schedule(tokens_per_program: int, num_warps: int | None) -> None:
+    if tokens_per_program < 1 or tokens_per_program & (tokens_per_program - 1):
+        raise ConfigError(f"tokens_per_program must be a power of two, got {tokens_per_program}")
+    if num_warps is not None and num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ConfigError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+            tokens_per_program: int, num_warps: int | None) -> None:
     """Rotate q and k in place; both must have a unit stride along head_dim."""
     batch, n_q_heads, seq, head_dim = q.shape
     n_k_heads = k.shape[1]
@@ -146,32 +161,41 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     block_hq = min(triton.next_power_of_2(n_q_heads), max_heads)
     block_hk = min(triton.next_power_of_2(n_k_heads), max_heads)
     n_tiles = max(triton.cdiv(n_q_heads, block_hq), triton.cdiv(n_k_heads, block_hk))
+    if num_warps is None:
+        # About 1024 elements per warp and half-tile: 4 warps for one Llama token (32 + 8 heads of 64).
+        elements = (block_hq + block_hk) * block_d * tokens_per_program
+        num_warps = min(16, max(4, triton.next_power_of_2(elements) // 1024))
     # A batch of 1 in cos/sin is shared by every sequence (stride 0).
     cos_stride_b = cos.stride(0) if cos.shape[0] > 1 else 0
     sin_stride_b = sin.stride(0) if sin.shape[0] > 1 else 0
-    _rope_kernel[(batch * seq,)](
+    _rope_kernel[(triton.cdiv(batch * seq, tokens_per_program),)](
         q, q.stride(0), q.stride(1), q.stride(2),
         k, k.stride(0), k.stride(1), k.stride(2),
         cos, cos_stride_b, cos.stride(1),
         sin, sin_stride_b, sin.stride(1),
-        seq, n_q_heads, n_k_heads, half, n_tiles,
+        batch * seq, seq, n_q_heads, n_k_heads, half, n_tiles,
         BACKWARD=backward,
+        BLOCK_T=tokens_per_program,
         BLOCK_HQ=block_hq,
         BLOCK_HK=block_hk,
         BLOCK_D=block_d,
-        num_warps=4 if (block_hq + block_hk) * block_d <= 4096 else 8,
+        num_warps=num_warps,
     )
 
 
-def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False):
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool = False, *,
+          tokens_per_program: int = 1, num_warps: int | None = None):
     """Rotate q and k in place (no autograd), whatever their strides; returns (q, k).
 
-    ``backward=True`` applies the transposed rotation used for gradients.
+    ``backward=True`` applies the transposed rotation used for gradients. ``tokens_per_program`` (a power of
+    two) and ``num_warps`` set the launch shape, for tests and A/B timing; the defaults are one token per program
+    and warps from the tile size.
     """
     _check_qk(q, k)
+    _check_schedule(tokens_per_program, num_warps)
     q_work = q if q.stride(-1) == 1 else q.contiguous()
     k_work = k if k.stride(-1) == 1 else k.contiguous()
-    _launch(q_work, k_work, cos, sin, backward)
+    _launch(q_work, k_work, cos, sin, backward, tokens_per_program, num_warps)
     if q_work is not q:
         q.copy_(q_work)
     if k_work is not k:
@@ -204,13 +228,14 @@ class RoPEFunction(torch.autograd.Function):
     """Autograd wrapper: rotates q and k in place, saves only cos and sin."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin):
-        rope_(q, k, cos, sin)
+    def forward(ctx, q, k, cos, sin, tokens_per_program=1, num_warps=None):
+        rope_(q, k, cos, sin, tokens_per_program=tokens_per_program, num_warps=num_warps)
         # The kernel's writes are invisible to autograd; bump the version counters so that any other op that
         # saved the un-rotated values fails loudly in backward.
         increment_version(q)
         increment_version(k)
         ctx.save_for_backward(cos, sin)
+        ctx.schedule = dict(tokens_per_program=tokens_per_program, num_warps=num_warps)
         return q, k
 
     @staticmethod
@@ -220,25 +245,28 @@ class RoPEFunction(torch.autograd.Function):
         dk = _writable_grad(dk)
         if _may_overlap(dq, dk):  # e.g. `(q + k).sum()` hands both inputs the same gradient tensor
             dk = dk.clone()
-        rope_(dq, dk, cos, sin, backward=True)
-        return dq, dk, None, None
+        rope_(dq, dk, cos, sin, backward=True, **ctx.schedule)
+        return dq, dk, None, None, None, None
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+               tokens_per_program: int = 1, num_warps: int | None = None):
     """Apply rotary embeddings to q and k in place, in one launch; returns (q, k). Autograd-aware.
 
     Use the returned tensors afterwards: they hold the rotated values (and, when autograd records the op, the
     graph edge back to the un-rotated inputs). See the module docstring for the in-place contract.
+    ``tokens_per_program`` and ``num_warps`` set the launch shape of forward and backward (see ``rope_``).
     """
     _check_qk(q, k)
+    _check_schedule(tokens_per_program, num_warps)
     if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)):
-        return rope_(q, k, cos, sin)
+        return rope_(q, k, cos, sin, tokens_per_program=tokens_per_program, num_warps=num_warps)
     # A leaf that requires grad must keep its values (it is a parameter or a user input): rotate a copy.
     if q.is_leaf and q.requires_grad:
         q = q.clone()
     if k.is_leaf and k.requires_grad:
         k = k.clone()
-    return RoPEFunction.apply(q, k, cos, sin)
+    return RoPEFunction.apply(q, k, cos, sin, tokens_per_program, num_warps)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
