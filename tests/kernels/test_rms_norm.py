@@ -85,31 +85,52 @@ def test_backward_writes_every_element_and_matches_reference(
     assert_close(dw, dw64, dtype, "dw")
 
 
-# (rows, hidden, programs_per_sm, block_rows): 4 programs in the interpreter; rows that leave the last program a
-# partial tile, several tiles per program, one row per tile, and a tile wider than all the rows.
-SCHEDULES = [(13, 67, 1, 2), (29, 96, 2, 4), (10, 129, 1, 1), (3, 33, 1, 8)]
+# (rows, hidden, programs_per_sm, block_rows, num_warps, dw_reduction): 4 programs in the interpreter; rows that
+# leave the last program a partial tile, several tiles per program, one row per tile, a tile wider than all the
+# rows; the benchmark's variants (several programs per SM, more warps, torch's sum of the dW partials).
+SCHEDULES = [
+    (13, 67, 1, 2, None, "triton"),
+    (29, 96, 2, 4, None, "torch"),
+    (10, 129, 1, 1, 16, "triton"),
+    (3, 33, 1, 8, None, "triton"),
+    (37, 67, 4, 1, 8, "torch"),
+]
 
 
-@pytest.mark.parametrize("n_rows,hidden,programs_per_sm,block_rows", SCHEDULES)
-def test_backward_schedules_cover_every_row(n_rows, hidden, programs_per_sm, block_rows, dtype, device, assert_close):
+@pytest.mark.parametrize("n_rows,hidden,programs_per_sm,block_rows,num_warps,dw_reduction", SCHEDULES)
+def test_backward_schedules_cover_every_row(n_rows, hidden, programs_per_sm, block_rows, num_warps, dw_reduction,
+                                            dtype, device, assert_close):
     x, weight = _inputs((n_rows, hidden), 1.0, dtype, device)
     dy = torch.randn_like(x)
     _, rstd = rms_norm_forward(x, weight, 1e-6, 1.0)
     _, dx64, dw64 = _reference_grads(x, weight, dy, 1e-6, 1.0, None)
     # dx written over dy itself: the kernel prefetches the next tile of dy before it stores the current one.
     dx, dw = rms_norm_backward(dy, x, weight, rstd, 1.0, dx=dy, programs_per_sm=programs_per_sm,
-                               block_rows=block_rows)
+                               block_rows=block_rows, num_warps=num_warps, dw_reduction=dw_reduction)
     assert dx is dy
+    assert dw.dtype == dtype
     assert_close(dx, dx64, dtype, "dx")
     assert_close(dw, dw64, dtype, "dw")
+
+
+@pytest.mark.parametrize("n_partials,hidden", [(1, 5), (4, 67), (130, 33), (64, 64)])
+def test_partial_sums_reduce_every_column_exactly(n_partials, hidden, dtype, device, assert_close):
+    """The dW reduction alone: partial counts around its 64-row step, widths around its 32-column strip."""
+    partial = torch.randn(n_partials, hidden, device=device)
+    dw = rms_norm_module._sum_partials(partial, dtype, "triton")
+    assert dw.dtype == dtype and dw.shape == (hidden,)
+    assert_close(dw, partial.double().sum(0), dtype, "dw")
 
 
 def test_backward_schedule_tiles_short_rows():
     assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=8)
     assert backward_schedule(576).block_rows == 4  # 1024 padded columns x 4 rows
     assert backward_schedule(8192) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=16)
+    assert backward_schedule(4096, programs_per_sm=2, num_warps=16) == BackwardSchedule(2, 1, 16)
     with pytest.raises(ConfigError):
         backward_schedule(64, block_rows=3)
+    with pytest.raises(ConfigError):
+        backward_schedule(64, num_warps=3)
 
 
 @pytest.mark.parametrize("offset", [0.0, 1.0])
@@ -186,6 +207,9 @@ def test_rejects_bad_arguments(device):
         rms_norm(x, torch.ones(7, device=device))
     with pytest.raises(ConfigError):
         rms_norm(x, torch.ones(8, device=device), casting="mistral")
+    rstd = rms_norm_forward(x, torch.ones(8, device=device))[1]
+    with pytest.raises(ConfigError):
+        rms_norm_backward(x, x, torch.ones(8, device=device), rstd, dw_reduction="atomic")
     with pytest.raises(ConfigError):
         rms_norm(x.requires_grad_(), torch.ones(8, device=device), out=torch.empty_like(x))
 

@@ -57,6 +57,40 @@ def test_forward_in_place_matches_reference(head_dim, dtype, device, assert_clos
     assert_close(k, k_ref, dtype, "k")
 
 
+# (tokens_per_program, num_warps): the default and the benchmark's launch variants; 2 x 5 tokens leave the last
+# program of 4 (and of 8: it holds more slots than there are tokens) partly empty.
+SCHEDULES = [(1, None), (1, 8), (2, None), (4, 16), (8, None)]
+SCHEDULE_IDS = [f"t{t}-w{w}" for t, w in SCHEDULES]
+
+
+@pytest.mark.parametrize("tokens_per_program,num_warps", SCHEDULES, ids=SCHEDULE_IDS)
+def test_schedules_write_every_token_and_match_reference(tokens_per_program, num_warps, dtype, device, assert_close):
+    """Forward (rope_) and backward (through autograd) with each launch shape, on HF's transposed views of one
+    buffer; the columns after q and k keep their sentinel (no write past the last head or token)."""
+    head_dim, n_heads, n_kv = 80, 5, 2
+    schedule = dict(tokens_per_program=tokens_per_program, num_warps=num_warps)
+    buf = torch.full((2, 5, (n_heads + n_kv + 1) * head_dim), 7.0, device=device, dtype=dtype)
+    width = (n_heads + n_kv) * head_dim
+    buf[..., :width] = torch.randn(2, 5, width, device=device).to(dtype)
+    q = buf[..., : n_heads * head_dim].view(2, 5, n_heads, head_dim).transpose(1, 2)
+    k = buf[..., n_heads * head_dim : width].view(2, 5, n_kv, head_dim).transpose(1, 2)
+    cos, sin = _tables(_positions(2, 5, device), head_dim, dtype)
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    q_ref, k_ref = rope_reference(q64, k64, cos.double(), sin.double())
+    rope_(q, k, cos, sin, **schedule)
+    assert_close(q, q_ref, dtype, "q")
+    assert_close(k, k_ref, dtype, "k")
+    assert torch.equal(buf[..., width:], torch.full_like(buf[..., width:], 7.0))
+
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    dq64, dk64 = torch.autograd.grad((q_ref, k_ref), (q64, k64), (dq.double(), dk.double()))
+    q_in, k_in = q64.detach().to(dtype).requires_grad_(), k64.detach().to(dtype).requires_grad_()
+    q_out, k_out = apply_rope(q_in, k_in, cos, sin, **schedule)
+    torch.autograd.backward((q_out, k_out), (dq, dk))
+    assert_close(q_in.grad, dq64, dtype, "dq")
+    assert_close(k_in.grad, dk64, dtype, "dk")
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_backward_matches_reference(head_dim, dtype, device, assert_close):
     leaf, q, k = _hf_layout(2, 5, 6, 2, head_dim, dtype, device, requires_grad=True)
@@ -222,6 +256,10 @@ def test_module_and_bad_arguments(device, assert_close):
         apply_rope(q, k[..., :32], cos, sin)
     with pytest.raises(ConfigError):
         apply_rope(q, k, cos[:, :2], sin[:, :2])
+    with pytest.raises(ConfigError):
+        apply_rope(q, k, cos, sin, tokens_per_program=3)
+    with pytest.raises(ConfigError):
+        rope_(q, k, cos, sin, num_warps=6)
 
 
 @pytest.mark.gpu
