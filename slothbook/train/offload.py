@@ -16,11 +16,16 @@ has finished, whenever Python frees it.
 Host buffers come from a `PinnedPool` kept for the life of the model: a step takes one buffer per layer and
 gives it back in backward, so after the first step no pinned memory is allocated unless a longer sequence
 arrives. On the CPU there is nothing to offload to and layers use plain `torch.utils.checkpoint`.
+
+With `auto=True` (use_gradient_checkpointing="auto") a `KeepPlan` (keep.py) decides at the first layer of each
+training forward how many of the last layers fit in free GPU memory; those run unwrapped, autograd keeping their
+activations, and only the layers below them are checkpointed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -31,9 +36,12 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import TrainingError, UnsupportedArchitectureError
 from ..forwards import patch_forward, unpatch_forward
+from .keep import KeepPlan
 
 _POOLS: "weakref.WeakSet[PinnedPool]" = weakref.WeakSet()
 _PATCH_KEY = "_slothbook_checkpoint"
+_PLAN_KEY = "_slothbook_keep_plan"  # on the decoder layers' ModuleList while "auto" is on
+_IN_KEPT_LAYER = contextvars.ContextVar("slothbook_in_kept_layer", default=False)
 _TWICE = ("A checkpointed layer was differentiated twice. Offloaded checkpointing keeps a layer's input for "
           "one backward; use use_gradient_checkpointing=True for retain_graph or higher-order gradients.")
 _CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
@@ -367,7 +375,22 @@ def _needs_grad(obj) -> bool:
     return False
 
 
-def _checkpointed_forward(layer: nn.Module, forward, offloader: _Offloader | None, offload_on_cpu: bool):
+def in_kept_layer() -> bool:
+    """Whether the caller runs inside a decoder layer that keeps its activations (the tiled MLP stays off there:
+    tiling recomputes the MLP, which is what keeping the layer avoids)."""
+    return _IN_KEPT_LAYER.get()
+
+
+def _run_kept(forward, args, kwargs):
+    token = _IN_KEPT_LAYER.set(True)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _IN_KEPT_LAYER.reset(token)
+
+
+def _checkpointed_forward(layer: nn.Module, forward, offloader: _Offloader | None, offload_on_cpu: bool,
+                          index: int = 0, plan: KeepPlan | None = None):
     def checkpointed(*args, **kwargs):
         if not (layer.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)  # eval and generation run the layer untouched
@@ -375,6 +398,11 @@ def _checkpointed_forward(layer: nn.Module, forward, offloader: _Offloader | Non
             layer.gradient_checkpointing = False  # ours replaces HF's (a Trainer may switch it on later)
         kwargs = _without_cache(layer, kwargs)
         hidden, rest, call = _split_hidden(args, kwargs)
+        if plan is not None:
+            if index == 0:
+                plan.start(hidden)
+            if index >= plan.first_kept:
+                return _run_kept(forward, args, kwargs)
         use_offload = offloader is not None and (hidden.is_cuda or offload_on_cpu)
         # Only the hidden state is saved: other arguments that need grad take the general path.
         if use_offload and not _needs_grad(rest):
@@ -386,7 +414,8 @@ def _checkpointed_forward(layer: nn.Module, forward, offloader: _Offloader | Non
 
 
 def enable_offloaded_checkpointing(model: nn.Module, offload: bool = True, pool: PinnedPool | None = None,
-                                   offload_on_cpu: bool = False) -> PinnedPool | None:
+                                   offload_on_cpu: bool = False, auto: bool = False,
+                                   memory_budget=None) -> PinnedPool | None:
     """Checkpoint every decoder layer of `model`, keeping only each layer's input hidden state.
 
     offload: park those inputs in pinned host memory (CUDA), copied on a side stream that overlaps compute.
@@ -394,22 +423,46 @@ def enable_offloaded_checkpointing(model: nn.Module, offload: bool = True, pool:
         `torch.utils.checkpoint`, unless `offload_on_cpu` routes them through the pool too (ordinary
         memory: it only costs a copy, and lets the offload path be tested without a GPU).
     pool: the host pool to use; a new `PinnedPool` by default.
+    auto: leave the last layers unwrapped, as many as fit in free GPU memory, re-planned every training forward
+        (see keep.py; `keep_plan(model).kept` says how many the latest forward kept). memory_budget: None
+        (measured; on the CPU no layer is kept), the bytes the kept layers may take (int), or a fraction (float)
+        of the measured room.
     Returns the pool (None when offload is False). Eval mode and no-grad calls run the layers untouched.
     Calling it again replaces the previous wrapping; `disable_offloaded_checkpointing` undoes it.
     """
     layers = find_decoder_layers(model)
     disable_offloaded_checkpointing(model)
+    plan = KeepPlan(_config_of(model), layers, memory_budget) if auto else None
     if offload and pool is None:
         pool = PinnedPool()
     offloader = _Offloader(pool) if offload else None
-    for layer in layers:
+    for index, layer in enumerate(layers):
         if getattr(layer, "gradient_checkpointing", False):
             layer.gradient_checkpointing = False
-        patch_forward(layer, _PATCH_KEY, _checkpointed_forward(layer, layer.forward, offloader, offload_on_cpu))
+        patch_forward(layer, _PATCH_KEY,
+                      _checkpointed_forward(layer, layer.forward, offloader, offload_on_cpu, index, plan))
+    if plan is not None:
+        layers.__dict__[_PLAN_KEY] = plan
     return pool if offload else None
 
 
 def disable_offloaded_checkpointing(model: nn.Module) -> None:
     """Restore the decoder layers' own forwards (a no-op where nothing was wrapped)."""
-    for layer in find_decoder_layers(model):
+    layers = find_decoder_layers(model)
+    layers.__dict__.pop(_PLAN_KEY, None)
+    for layer in layers:
         unpatch_forward(layer, _PATCH_KEY)
+
+
+def keep_plan(model: nn.Module) -> KeepPlan | None:
+    """The KeepPlan of a model wrapped with auto=True (use_gradient_checkpointing="auto"), else None."""
+    return find_decoder_layers(model).__dict__.get(_PLAN_KEY)
+
+
+def _config_of(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None:
+        raise UnsupportedArchitectureError(f"{type(base).__name__} has no `.config`, which use_gradient_checkpointing="
+                                           "'auto' reads the layer sizes from. Use True or 'slothbook'.")
+    return config

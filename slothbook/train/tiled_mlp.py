@@ -5,6 +5,10 @@ them). `enable_tiled_mlp` runs the MLP chunk by chunk without keeping activation
 recomputes it chunk by chunk, so at most one chunk's intermediates exist at a time; parameter gradients are
 summed over the chunks. The MLP acts on each token separately, so the result is the untiled one up to
 float summation order.
+
+Tiling costs a third MLP forward per layer (checkpointing already recomputes the layer once), so the checkpointing
+modes switch it on only where it buys memory that matters: above TILED_MLP_ABOVE tokens per step. A layer that
+keeps its activations (use_gradient_checkpointing="auto") is never tiled.
 """
 
 from __future__ import annotations
@@ -14,9 +18,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..forwards import patch_forward, unpatch_forward
-from .offload import ReplayState, find_decoder_layers, grads_of
+from .offload import ReplayState, find_decoder_layers, grads_of, in_kept_layer
 
 _PATCH_KEY = "_slothbook_tiled_mlp"
+TILED_MLP_CHUNK = 4096  # tokens per chunk
+# Tokens per step above which set_gradient_checkpointing's offloading modes tile. At 16K tokens an 8B model's
+# untiled MLP working set (gate, up, their gradients: 4 x tokens x 14336 x 2 bytes) is under 2 GiB.
+TILED_MLP_ABOVE = 16384
 
 
 def _chunked(forward, rows: int, flat: torch.Tensor) -> torch.Tensor:
@@ -61,10 +69,10 @@ class _TiledMLP(torch.autograd.Function):
                 *(next(grads) if need else None for need in need_params))
 
 
-def _tiled_forward(mlp: nn.Module, forward, chunk_tokens: int):
+def _tiled_forward(mlp: nn.Module, forward, chunk_tokens: int, above: int):
     def tiled(x):
         tokens = x.numel() // x.shape[-1]
-        if tokens <= chunk_tokens:
+        if tokens <= max(chunk_tokens, above) or in_kept_layer():
             return forward(x)  # short inputs (and every decoding step) run untouched
         if not torch.is_grad_enabled():  # chunks still bound the intermediates, nothing to recompute
             return _chunked(forward, chunk_tokens, x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
@@ -82,19 +90,22 @@ def _mlp_of(layer: nn.Module) -> nn.Module | None:
     return mlp
 
 
-def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = 4096) -> int:
+def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = TILED_MLP_CHUNK, above: int = 0) -> int:
     """Make every decoder layer's dense MLP run `chunk_tokens` tokens at a time (batch x sequence flattened).
 
-    Inputs of at most `chunk_tokens` tokens are not touched. Returns how many MLPs were tiled.
+    Inputs of at most max(chunk_tokens, above) tokens are not touched, nor the MLPs of layers that keep their
+    activations ("auto" checkpointing). Returns how many MLPs were tiled.
     """
     if chunk_tokens < 1:
         raise ConfigError(f"chunk_tokens must be a positive number of tokens, got {chunk_tokens}")
+    if above < 0:
+        raise ConfigError(f"above must be a number of tokens >= 0, got {above}")
     tiled = 0
     for layer in find_decoder_layers(model):
         mlp = _mlp_of(layer)
         if mlp is not None:
             unpatch_forward(mlp, _PATCH_KEY)  # so that mlp.forward below is the MLP's own
-            patch_forward(mlp, _PATCH_KEY, _tiled_forward(mlp, mlp.forward, chunk_tokens))
+            patch_forward(mlp, _PATCH_KEY, _tiled_forward(mlp, mlp.forward, chunk_tokens, above))
             tiled += 1
     return tiled
 
