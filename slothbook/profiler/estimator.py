@@ -15,6 +15,7 @@ from torch import nn
 
 from ..device import resolve_dtype
 from ..errors import ConfigError
+from ..train.keep import Recipe, layers_to_keep
 from .activations import (
     CHECKPOINTING,
     DEVICES,
@@ -253,7 +254,11 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
     """Predict the peak memory of one LoRA (QLoRA with load_in_4bit) training step without loading weights.
 
     model_name_or_config: a transformers config, a dict with model_type, a loaded model, or a name/path.
-    checkpointing: "offload" (layer inputs in host memory), "plain" (layer inputs on the device) or "off".
+    checkpointing: "offload" (layer inputs in host memory), "plain" (layer inputs on the device), "off", or "auto"
+        (use_gradient_checkpointing="auto": the last layers that fit keep their activations, the others are
+        offloaded; how many is train/keep.py's plan for `gpu_memory` less the weights, adapters, optimizer state
+        and CUDA's workspaces; `gpu_memory` defaults to this GPU's total memory. On device="cpu" training runs
+        "auto" as plain checkpointing, and so does the estimate). detail["kept_layers"] says how many were kept.
     optimizer: "adamw" (torch), "adamw_8bit" (bitsandbytes) or "sgd" (no momentum: no state).
     dtype: the compute/activation dtype ("bf16", "fp16", "fp32"); the base weights' dtype when not 4-bit.
     gpu_memory: the budget in bytes, for `fits()` and the chart.
@@ -270,11 +275,21 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
     config = resolve_config(model_name_or_config)
     fixed = _fixed or _Fixed(config, r, target_modules, load_in_4bit, optimizer, dtype)
     a = torch.empty((), dtype=dtype).element_size()
-    act = activation_estimate(fixed.shape, seq_len * batch_size, a, r, fixed.targets, checkpointing,
-                              implementation, grads=fixed.gradients, quantized=load_in_4bit)
+    n_tokens = seq_len * batch_size
+    runtime = cuda_runtime_bytes(device)  # allocated from the first step on, through every phase
+    mode, kept = checkpointing, 0
+    if checkpointing == "auto":
+        if device == "cpu":
+            mode = "plain"
+        else:
+            gpu_memory = gpu_memory if gpu_memory is not None else _device_memory()
+            recipe = Recipe(fixed.shape, r, fixed.targets, implementation)
+            free = gpu_memory - (fixed.weights + fixed.lora + fixed.optimizer + runtime)
+            kept = layers_to_keep(recipe, a, n_tokens, free - recipe.headroom(a, n_tokens))
+    act = activation_estimate(fixed.shape, n_tokens, a, r, fixed.targets, mode, implementation,
+                              grads=fixed.gradients, quantized=load_in_4bit, kept=kept)
     # The optimizer step's own temporaries, with every gradient allocated (the convention `act.peak` follows).
     step = optimizer_step_transient(optimizer, fixed.lora, device)
-    runtime = cuda_runtime_bytes(device)  # allocated from the first step on, through every phase
     values = {"weights": fixed.weights, "lora": fixed.lora, "gradients": fixed.gradients,
               "optimizer": fixed.optimizer, "activations": max(act.peak, step) + runtime}
     settings = dict(seq_len=seq_len, batch_size=batch_size, r=r, target_modules=sorted(fixed.targets),
@@ -283,8 +298,16 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
                     kernels=implementation == "kernels", implementation=implementation)
     detail = dict(held_after_forward=act.held_after_forward + runtime,
                   peak_where=act.peak_where if act.peak >= step else "optimizer step", offloaded=act.offloaded,
-                  cuda_runtime=runtime)
+                  cuda_runtime=runtime, kept_layers=fixed.shape.layers if mode == "off" else kept)
     return Estimate(values, settings, detail)
+
+
+def _device_memory() -> int:
+    """This GPU's total memory, the budget "auto" plans for when none is given."""
+    if not torch.cuda.is_available():
+        raise ConfigError('checkpointing="auto" keeps as many layers as fit in the GPU\'s memory: give gpu_memory '
+                          "(bytes; the CLI's --gpu-memory-gib), or estimate on a machine with the GPU.")
+    return torch.cuda.mem_get_info()[1]
 
 
 def _resolve(dtype) -> torch.dtype:
@@ -323,6 +346,8 @@ def max_fit(model_name_or_config, gpu_memory_bytes: int, seq_len: int = 2048, ba
     dtype = _resolve(kwargs.pop("dtype", "bf16"))
     fixed = _Fixed(config, kwargs.get("r", 16), kwargs.get("target_modules"), kwargs.get("load_in_4bit", True),
                    kwargs.get("optimizer", "adamw"), dtype)
+
+    kwargs.setdefault("gpu_memory", gpu_memory_bytes)  # what checkpointing="auto" plans for
 
     def fits(seq, batch):
         return estimate(config, seq, batch, dtype=dtype, _fixed=fixed, **kwargs).total <= gpu_memory_bytes
