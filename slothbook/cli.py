@@ -25,8 +25,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=d.load_in_4bit)
-    p.add_argument("--gradient-checkpointing", default="true",
-                   help="true (plain), false, or slothbook (offload activations to CPU memory)")
+    p.add_argument("--gradient-checkpointing", default=str(d.gradient_checkpointing).lower(),
+                   help="auto (default: keep the layers that fit in GPU memory, offload the rest), true (plain), "
+                        "false, or slothbook (offload every layer's activations to CPU memory)")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the best the device supports)")
     p.add_argument("--output", default=None, help="output folder (default: outputs/run-<time>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing adapter in --output")
@@ -101,7 +102,9 @@ def _estimate_parser(sub) -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--checkpointing", choices=("offload", "plain", "off"), default="offload")
+    p.add_argument("--checkpointing", choices=("offload", "plain", "off", "auto"), default="offload",
+                   help="auto: the layers that fit in --gpu-memory-gib (default: this GPU's memory) keep "
+                        "their activations, the rest are offloaded")
     p.add_argument("--optimizer", choices=("adamw", "adamw_8bit", "sgd"), default="adamw")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--gpu-memory-gib", type=float, default=None, help="also say the longest sequence / batch that fit")

@@ -9,7 +9,7 @@ from .models.adapters import add_lora
 from .models.embedded import EMBEDDED_ALIAS
 from .models.loader import load_model
 from .models.modes import for_inference, for_training
-from .train.checkpointing import set_gradient_checkpointing
+from .train.checkpointing import DEFAULT_MODE, set_gradient_checkpointing
 
 
 class FastLanguageModel:
@@ -56,21 +56,30 @@ class FastLanguageModel:
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         bias: str = "none",
-        use_gradient_checkpointing=True,
+        use_gradient_checkpointing=DEFAULT_MODE,
         random_state: int = 3407,
         use_rslora: bool = False,
         modules_to_save=None,
         max_seq_length: int | None = None,
+        checkpointing_budget=None,
         **kwargs,
     ):
-        """Wrap `model` in a PEFT LoRA PeftModel with the family's projections as default targets."""
+        """Wrap `model` in a PEFT LoRA PeftModel with the family's projections as default targets.
+
+        use_gradient_checkpointing: "auto" (default: on CUDA the last layers that fit in free GPU memory keep their
+            activations, the rest are checkpointed with their inputs offloaded to CPU memory; plain checkpointing on
+            the CPU), True (plain checkpointing), "slothbook"/"unsloth" (offload every layer: the least memory),
+            False (off).
+        checkpointing_budget: for "auto" only: the bytes the kept layers' activations may take (int), or a fraction
+            in (0, 1] of the free memory measured each step (float); None measures it.
+        """
         peft_model = add_lora(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             random_state=random_state, use_rslora=use_rslora, modules_to_save=modules_to_save, **kwargs,
         )
         if max_seq_length is not None:
             peft_model.max_seq_length = max_seq_length
-        set_gradient_checkpointing(peft_model, use_gradient_checkpointing)
+        set_gradient_checkpointing(peft_model, use_gradient_checkpointing, memory_budget=checkpointing_budget)
         for_training(peft_model)
         _bind_exports(peft_model)
         return peft_model

@@ -144,7 +144,8 @@ _FINETUNE_NOTES = {
     "dataset": "a .jsonl/.json/.csv/.parquet file or a hub id; null: the bundled demo",
     "text_field": "the column holding the training text",
     "chat_template": "render conversations with this template (chatml, llama-3, ...)",
-    "gradient_checkpointing": "true, false, or slothbook (offload activations to CPU memory)",
+    "gradient_checkpointing": "auto (default: keep what fits in GPU memory, offload the rest), true, false, or "
+                              "slothbook (offload every layer's activations to CPU memory)",
     "dtype": "bf16, fp16 or fp32; null: the best the device supports",
     "output": "run folder; null: outputs/run-<time>",
     "save_steps": "checkpoint every N steps (0: none)",

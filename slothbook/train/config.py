@@ -26,7 +26,7 @@ class FinetuneConfig:
     lora_alpha: int = 16
     lr: float = 2e-4
     load_in_4bit: bool = True
-    gradient_checkpointing: str | bool = True
+    gradient_checkpointing: str | bool = "auto"  # "auto", True (plain), False, "slothbook" (offload all)
     dtype: str | None = None
     output: str | None = None  # None: outputs/run-<time>
     overwrite: bool = False
