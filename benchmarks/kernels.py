@@ -4,8 +4,10 @@ Sizes are Llama-3.1-8B's: hidden 4096, intermediate 14336, vocab 128256, 32 quer
 8192 tokens (batch 1), bf16, random inputs (no zeros). Contenders, where each has the op:
 
   slothbook     slothbook.kernels
-  slothbook-1sm rms_norm only: slothbook's kernels with the backward's previous launch shape (one persistent
-                program per SM, one row per step), to A/B the default schedule in the same run
+  slothbook-*   slothbook's kernels with another launch shape, to A/B the default in the same run (VARIANTS):
+                rms_norm backward: -2sm / -4sm (2 or 4 persistent programs per SM), -16w (16 warps a program),
+                -torchsum (dW partials summed by torch.sum + a cast instead of one Triton kernel);
+                rope: -8w (8 warps), -2tok / -4tok (2 or 4 tokens per program)
   torch         the eager formulation a Hugging Face model runs (HF RMSNorm, rotate_half RoPE, act(gate) * up,
                 lm_head then cross-entropy on float logits, PEFT's LoRA composition over a bf16 base; over an NF4
                 base, PEFT's own LoRA Linear4bit modules around bitsandbytes' Linear4bit, as QLoRA runs them)
@@ -16,8 +18,7 @@ Sizes are Llama-3.1-8B's: hidden 4096, intermediate 14336, vocab 128256, 32 quer
 
 Metrics (rows of benchmarks/results/kernels.json, format in common.py):
 
-  time_ms             forward and backward timed separately (median, CUDA events, L2 flushed; the backward
-                      of a fresh forward each time), and their sum ("fwd+bwd")
+  time_ms             forward and backward timed separately, and their sum ("fwd+bwd"); GPU time, see "Timing"
   bandwidth_fraction  minimal bytes (each input read once, each output written once) per second, over the
                       device-to-device copy bandwidth measured at the start of the same run (memory-bound ops)
   compute_fraction    matmul FLOPs per second over the bf16 matmul rate measured in the same run (matmul ops)
@@ -27,6 +28,22 @@ Metrics (rows of benchmarks/results/kernels.json, format in common.py):
                       ("fwd" config) and the input gradients ("bwd" config)
   bitwise_equal_bitsandbytes   1.0 when the NF4 dequantization equals bitsandbytes' bit for bit
 
+Timing (the last word of each timed row's config says which method timed it):
+
+  graph   (default on CUDA) the call is captured in a CUDA graph n times, each after an L2 eviction (a read of
+          256 MiB, which leaves no dirty lines to write back during the call), and the graph of the n evictions
+          alone is subtracted: (median replay of A - median replay of B) / n. The GPU runs the captured kernels
+          back to back, so no Python, launch or autograd-engine time is counted for any contender. A backward is
+          captured after one untimed forward (retain_graph=True keeps its saved tensors for the replays); the
+          upstream gradients and in-place inputs are overwritten by the replays, which does not change the
+          work. If any contender of a kernel cannot be captured in one direction (a host sync such as .item(),
+          found first with torch.cuda.set_sync_debug_mode("error")), every contender of that kernel and direction
+          is timed by "events" instead, and a note says why.
+  events  (--timing events, or the fallback) CUDA events around each call, L2 flushed by a 256 MiB write
+          before it, the CPU kept ahead by a GPU busy-wait, a fresh forward before each backward, untimed
+          (common.bench_ms); Python and launch time can show up for calls that launch many kernels.
+  cpu     --tiny: perf_counter under the Triton interpreter (a smoke test, not a speed).
+
 Cross-entropy and the fused linear cross-entropy compute the gradient during the forward in some contenders
 (Liger; slothbook's fused op), so compare those two on "fwd+bwd". The fused linear cross-entropy keeps the
 lm_head frozen (gradient for the hidden states only), as under LoRA.
@@ -35,6 +52,7 @@ Each kernel runs in its own worker process (a crash or a CUDA error loses one ke
 contender's failure is recorded as an "error" row.
 
   python benchmarks/kernels.py                       # everything (meant to take about 4 minutes on an H100)
+  python benchmarks/kernels.py --kernels rms_norm rope --contenders slothbook slothbook-2sm liger compile
   python benchmarks/kernels.py --kernels rope swiglu --contenders slothbook liger --append
   python benchmarks/kernels.py --tiny                # CPU smoke test: tiny shapes, Triton interpreter
 """
@@ -44,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -64,8 +83,24 @@ BENCHMARK = "kernels"
 RESULTS = common.RESULTS_DIR / "kernels.json"
 KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
            "lora_mlp_bf16", "lora_mlp_nf4")
-CONTENDERS = ("slothbook", "slothbook-1sm", "torch", "compile", "liger", "bitsandbytes")
-TINY_CONTENDERS = ("slothbook", "slothbook-1sm", "torch", "bitsandbytes")  # no torch.compile or Liger under the interpreter
+# Launch-shape variants of slothbook's kernels (keyword arguments of the kernel functions), per kernel.
+VARIANTS = {
+    "rms_norm": {
+        "slothbook-2sm": dict(programs_per_sm=2),
+        "slothbook-4sm": dict(programs_per_sm=4),
+        "slothbook-16w": dict(num_warps=16),
+        "slothbook-torchsum": dict(dw_reduction="torch"),
+    },
+    "rope": {
+        "slothbook-8w": dict(num_warps=8),
+        "slothbook-2tok": dict(tokens_per_program=2),
+        "slothbook-4tok": dict(tokens_per_program=4),
+    },
+}
+_VARIANT_NAMES = tuple(dict.fromkeys(n for v in VARIANTS.values() for n in v))
+CONTENDERS = ("slothbook",) + _VARIANT_NAMES + ("torch", "compile", "liger", "bitsandbytes")
+TINY_CONTENDERS = ("slothbook",) + _VARIANT_NAMES + ("torch", "bitsandbytes")  # no torch.compile or Liger
+TIMINGS = ("graph", "events")
 MEMORY_BOUND = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "nf4_dequantize")
 GRAD_IN_FORWARD = ("cross_entropy", "fused_linear_cross_entropy")  # judge these on fwd+bwd
 
@@ -96,11 +131,13 @@ def main(argv=None) -> None:
             rows += [common.error_row(BENCHMARK, "all", k, "not run: time budget spent") for k in group]
             continue
         spec = dict(kernels=group, contenders=[c for c in args.contenders if not args.tiny or c in TINY_CONTENDERS],
-                    tiny=args.tiny, calibration=calibration, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+                    tiny=args.tiny, calibration=calibration, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                    timing=args.timing)
         print(f"--- {' '.join(group)}", file=sys.stderr, flush=True)
         result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
                                              json.dumps(spec)], timeout=left, env=env)
         rows += result.get("rows", [])
+        notes += result.get("notes", [])
         if failure:
             where = result.get("current") or {"contender": "all", "config": " ".join(group)}
             rows.append(common.error_row(BENCHMARK, where["contender"], where["config"], failure))
@@ -119,6 +156,8 @@ def parse_args(argv):
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--warmup-ms", type=float, default=25.0, help="warm-up budget per timing (do_bench's default)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="measurement budget per timing (do_bench's default)")
+    p.add_argument("--timing", default="graph", choices=TIMINGS,
+                   help="graph: CUDA graph replay (GPU time only; default); events: CUDA events around each call")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="wall-clock limit (default: fits one 10-minute command); kernels not started by then "
                         "are recorded as not run, a kernel still running is stopped")
@@ -171,7 +210,17 @@ class Context:
         self.selected = spec["contenders"]
         self.bench = (dict(warmup_ms=0.0, rep_ms=0.0, min_reps=1) if self.tiny
                       else dict(warmup_ms=spec["warmup_ms"], rep_ms=spec["rep_ms"]))
+        self.timing = "cpu" if device.type != "cuda" else spec.get("timing", "graph")
         self._liger = None
+        self._graphs = None
+
+    def graphs(self) -> GraphTimer:
+        if self._graphs is None:
+            self._graphs = GraphTimer(self.device)
+        return self._graphs
+
+    def note(self, text: str) -> None:
+        self.result["notes"].append(text)
 
     def current(self, contender: str, config: str) -> None:
         """Tell the parent what runs now, so a crash is attributed to it."""
@@ -191,11 +240,14 @@ class Context:
             raise self._liger
         return self._liger
 
-    def contenders(self, kernel: str, slothbook, eager, liger=None, **others) -> dict:
-        """The selected contenders: ``liger`` is ``ops -> fn`` (built only when Liger imports)."""
+    def contenders(self, kernel: str, slothbook, eager, liger=None, variant=None, **others) -> dict:
+        """The selected contenders: ``liger`` is ``ops -> fn`` (built only when Liger imports); ``variant`` is
+        ``keywords -> fn``, slothbook's op with one of ``VARIANTS[kernel]``'s launch shapes."""
         import torch
 
         found = {"slothbook": slothbook, "torch": eager}
+        if variant is not None:
+            found.update({name: variant(**kw) for name, kw in VARIANTS.get(kernel, {}).items()})
         if "compile" in self.selected:
             found["compile"] = torch.compile(eager)
         if liger is not None and "liger" in self.selected:
@@ -215,7 +267,7 @@ def worker(spec: dict) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 references must be fp32
     torch.backends.cudnn.allow_tf32 = False
     result = {"rows": [], "device": common.device_details(device), "calibration": spec["calibration"],
-              "current": None}
+              "current": None, "notes": []}
     rec = common.Recorder(BENCHMARK, result["rows"])
     if device.type == "cuda" and not torch.cuda.is_available():
         rec.error("all", " ".join(spec["kernels"]), "no CUDA GPU here; --tiny runs the CPU smoke test")
@@ -350,29 +402,138 @@ def run_case(case: Case, ctx: Context) -> None:
                 if name != "torch":
                     rec.add(name, what, "peak_ratio_vs_torch", round(peak / peaks["torch"], 4), "ratio")
 
-    # 3. Time: forward, then backward (after an untimed fresh forward each time).
-    for name, fn in runnable.items():
-        times = {}
-        ctx.current(name, case.label("fwd"))
-        with rec.guard(name, case.label("fwd"), device):
-            times["fwd"] = common.bench_ms(fn, setup=lambda: _fresh(case)[0], device=device,
-                                           **bench)
-        if case.grads:
-            ctx.current(name, case.label("bwd"))
-            with rec.guard(name, case.label("bwd"), device):
-                times["bwd"] = common.bench_ms(lambda st: torch.autograd.grad(*st),
-                                               setup=lambda: _forward(case, fn, *_fresh(case)), device=device,
-                                               **bench)
-            if len(times) == 2:
-                times["fwd+bwd"] = times["fwd"] + times["bwd"]
+    # 3. Time: forward, then backward (of an untimed forward), every contender by the same method.
+    times, methods = {name: {} for name in runnable}, {}
+    for direction in ("fwd", "bwd") if case.grads else ("fwd",):
+        methods[direction] = time_direction(case, runnable, direction, ctx, times)
+        for name, t in times.items():
+            if direction in t:
+                record_speed(ctx, case, name, direction, t[direction], methods[direction])
+    both = "+".join(dict.fromkeys(methods.values()))  # "graph", or "events+graph" when one direction fell back
+    for name, t in times.items():
+        if "fwd" in t and "bwd" in t:
+            record_speed(ctx, case, name, "fwd+bwd", t["fwd"] + t["bwd"], both)
+
+
+def _timed_call(case: Case, fn, direction: str, retain: bool):
+    """``(prepare, call)``: ``prepare()`` makes the untimed state (fresh inputs; for the backward, also the
+    forward), ``call(state)`` is the timed work."""
+    import torch
+
+    if direction == "fwd":
+        return (lambda: _fresh(case)[0]), fn
+    return (lambda: _forward(case, fn, *_fresh(case))), (lambda st: torch.autograd.grad(*st, retain_graph=retain))
+
+
+def time_direction(case: Case, contenders: dict, direction: str, ctx: Context, times: dict) -> str:
+    """Time every contender in one direction by CUDA graph replay or, if any of them cannot be captured, every
+    one of them by CUDA events; fills ``times[name][direction]`` and returns the method."""
+    rec, device = ctx.rec, ctx.device
+    if ctx.timing == "graph":
+        found, failure = {}, None
+        for name, fn in contenders.items():
+            ctx.current(name, case.label(direction))
+            try:
+                found[name] = ctx.graphs().time_ms(*_timed_call(case, fn, direction, retain=True), **ctx.bench)
+            except Exception as exc:  # the fallback below times (or records the error of) every contender
+                failure = f"{name}: {type(exc).__name__}: {str(exc).strip()[:300]}"
+            common.free_memory(device)
+            if failure:
+                break
+        if failure is None:
+            for name, ms in found.items():
+                times[name][direction] = ms
+            return "graph"
+        ctx.note(f"{case.label(direction)}: timed by CUDA events for every contender, not captured ({failure})")
+    for name, fn in contenders.items():
+        ctx.current(name, case.label(direction))
+        prepare, call = _timed_call(case, fn, direction, retain=False)
+        with rec.guard(name, case.label(direction), device):
+            times[name][direction] = common.bench_ms(call, setup=prepare, device=device, **ctx.bench)
         common.free_memory(device)
-        for direction, ms in times.items():
-            record_speed(ctx, case, name, direction, ms)
+    return "cpu" if device.type != "cuda" else "events"
 
 
-def record_speed(ctx: Context, case: Case, name: str, direction: str, ms: float) -> None:
-    """time_ms, and the achieved fraction of the measured copy bandwidth or matmul rate."""
-    config = case.label(direction)
+class GraphTimer:
+    """GPU time of a call from CUDA graph replays (see "Timing" in the module docstring).
+
+    All work, untimed preparation included, runs on one side stream: autograd runs a backward on the stream of
+    its forward, so the capture of a backward sees its kernels.
+    """
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.stream = torch.cuda.Stream(device)
+        self.evict_buffer = torch.ones(common._FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+
+    def _evict(self):
+        # Reading (not writing) evicts the L2 without leaving dirty lines whose write-back the call would pay for.
+        self.evict_buffer.sum()
+
+    def time_ms(self, prepare, call, *, warmup_ms: float, rep_ms: float, min_reps: int = 5, max_reps: int = 200,
+                replays: int = 6) -> float:
+        torch = self.torch
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(self.stream):
+                return self._time_on_stream(prepare, call, warmup_ms, rep_ms, min_reps, max_reps, replays)
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    def _time_on_stream(self, prepare, call, warmup_ms, rep_ms, min_reps, max_reps, replays) -> float:
+        torch = self.torch
+        state = prepare()
+        # Eager calls on this stream first: allocator and library workspaces for the stream, and a host sync
+        # (which a capture cannot hold) raises here instead of breaking the capture.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(2):
+                call(state)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        estimate = max(self._per_call(state, call, 1, 3, 0), 1e-3)
+        n = max(min_reps, min(max_reps, int(rep_ms / estimate)))
+        warm = max(1, min(5, int(warmup_ms / (n * estimate))))
+        return self._per_call(state, call, n, replays, warm)
+
+    def _capture(self, n: int, step):
+        graph = self.torch.cuda.CUDAGraph()
+        with self.torch.cuda.graph(graph, stream=self.stream):
+            for _ in range(n):
+                step()
+        return graph
+
+    def _per_call(self, state, call, n: int, replays: int, warm: int) -> float:
+        def evict_and_call():
+            self._evict()
+            call(state)
+
+        full, evictions = self._capture(n, evict_and_call), self._capture(n, self._evict)
+        for _ in range(warm):
+            full.replay()
+            evictions.replay()
+        a, b = [], []
+        for _ in range(replays):  # interleaved, so a drift of the clocks touches both alike
+            a.append(self._replay_ms(full))
+            b.append(self._replay_ms(evictions))
+        return max(statistics.median(a) - statistics.median(b), 0.0) / n
+
+    def _replay_ms(self, graph) -> float:
+        torch = self.torch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+
+def record_speed(ctx: Context, case: Case, name: str, direction: str, ms: float, method: str) -> None:
+    """time_ms, and the achieved fraction of the measured copy bandwidth or matmul rate; the config ends with the
+    timing method."""
+    config = f"{case.label(direction)} {method}"
     ctx.rec.add(name, config, "time_ms", round(ms, 4), "ms")
     cal = ctx.result["calibration"] or {}
     nbytes = _total(case.bytes, direction)
@@ -420,22 +581,27 @@ def build_rms_norm(ctx) -> Case:
     def eager(a):
         return rms_norm_reference(a["x"], a["w"], eps)
 
-    class OneProgramPerSM(torch.autograd.Function):
-        @staticmethod
-        def forward(fn_ctx, x, w):
-            y, rstd = rms_norm_forward(x, w, eps)
-            fn_ctx.save_for_backward(x, w, rstd)
-            return y
+    def variant(**schedule):
+        """slothbook's RMSNorm with the backward launched with ``schedule`` (rms_norm_backward's keywords)."""
 
-        @staticmethod
-        def backward(fn_ctx, dy):
-            return rms_norm_backward(dy, *fn_ctx.saved_tensors, programs_per_sm=1, block_rows=1)
+        class Scheduled(torch.autograd.Function):
+            @staticmethod
+            def forward(fn_ctx, x, w):
+                y, rstd = rms_norm_forward(x, w, eps)
+                fn_ctx.save_for_backward(x, w, rstd)
+                return y
+
+            @staticmethod
+            def backward(fn_ctx, dy):
+                return rms_norm_backward(dy, *fn_ctx.saved_tensors, **schedule)
+
+        return lambda a: Scheduled.apply(a["x"], a["w"])
 
     return Case(
         "rms_norm", f"{n}x{h} bf16", {"x": x, "w": w},
         ctx.contenders("rms_norm", lambda a: rms_norm(a["x"], a["w"], eps), eager,
                        liger=lambda lk: lambda a: lk.LigerRMSNormFunction.apply(a["x"], a["w"], eps, 0.0, "llama"),
-                       **{"slothbook-1sm": lambda a: OneProgramPerSM.apply(a["x"], a["w"])}),
+                       variant=variant),
         eager, grads=("x", "w"), grad_outputs=(dy,),
         bytes={"fwd": 2 * _nbytes(x) + _nbytes(w), "bwd": 3 * _nbytes(x) + 2 * _nbytes(w)},
     )
@@ -470,7 +636,8 @@ def build_rope(ctx) -> Case:
     return Case(
         "rope", f"q{hq} k{hk} {n}x{d} bf16", {"q": q, "k": k, "cos": cos, "sin": sin},
         ctx.contenders("rope", lambda a: apply_rope(a["q"], a["k"], a["cos"], a["sin"]), eager,
-                       liger=lambda lk: lambda a: lk.LigerRopeFunction.apply(a["q"], a["k"], a["cos"], a["sin"])),
+                       liger=lambda lk: lambda a: lk.LigerRopeFunction.apply(a["q"], a["k"], a["cos"], a["sin"]),
+                       variant=lambda **kw: lambda a: apply_rope(a["q"], a["k"], a["cos"], a["sin"], **kw)),
         eager, grads=("q", "k"), grad_outputs=(hf_layout(hq), hf_layout(hk)),
         bytes={"fwd": moved, "bwd": moved},
     )
@@ -724,14 +891,15 @@ def summary(rows: list) -> str:
     width = max([len(c) for c in configs] + [10])
     lines = [""] + [f"{r['config']}: {r['value']} {r['unit']}" for r in rows
                     if r["contender"] == "device" and r["metric"] != common.ERROR]
-    lines.append(f"{'time ms (fraction of copy bw | matmul rate)':<{width}}  " + "".join(f"{c:>18}" for c in names))
+    col = max([18] + [len(c) + 2 for c in names])
+    lines.append(f"{'time ms (fraction of copy bw | matmul rate)':<{width}}  " + "".join(f"{c:>{col}}" for c in names))
     for config in configs:
         cells = []
         for name in names:
             ms = values.get((name, config, "time_ms"))
             frac = values.get((name, config, "bandwidth_fraction"), values.get((name, config, "compute_fraction")))
             cell = "-" if ms is None else f"{ms:.3f}" + (f" ({frac:.0%})" if frac is not None else "")
-            cells.append(f"{cell:>18}")
+            cells.append(f"{cell:>{col}}")
         lines.append(f"{config:<{width}}  " + "".join(cells))
     for (name, config, metric), value in values.items():
         if metric in ("peak_alloc_gib", "peak_ratio_vs_torch") and config.startswith(GRAD_IN_FORWARD):

@@ -89,11 +89,27 @@ def test_slothbook_matches_the_fp32_reference(tiny):
     assert [r["value"] for r in _rows(doc, metric="bitwise_equal_bitsandbytes")] == [1.0]
 
 
-def test_rms_norm_previous_schedule_is_timed_beside_the_default(tiny):
+VARIANTS = {"rms_norm": ("slothbook-2sm", "slothbook-4sm", "slothbook-16w", "slothbook-torchsum"),
+            "rope": ("slothbook-8w", "slothbook-2tok", "slothbook-4tok")}
+
+
+def test_launch_variants_are_timed_beside_the_default(tiny):
     doc, _ = tiny
-    errors = [r["value"] for r in _rows(doc, contender="slothbook-1sm", metric="rel_error")]
-    assert len(errors) == 2 and all(e < 2e-2 for e in errors)
-    assert {r["config"].split()[0] for r in _rows(doc, contender="slothbook-1sm", metric="time_ms")} == {"rms_norm"}
+    for kernel, names in VARIANTS.items():
+        for name in names:
+            errors = [r["value"] for r in _rows(doc, contender=name, metric="rel_error")]
+            assert len(errors) == 2 and all(e < 2e-2 for e in errors), (name, errors)
+            timed = [r["config"] for r in _rows(doc, contender=name, metric="time_ms")]
+            assert sorted(c.split()[1] for c in timed) == ["bwd", "fwd", "fwd+bwd"], (name, timed)
+            assert {c.split()[0] for c in timed} == {kernel}
+
+
+def test_every_timed_row_names_its_method(tiny):
+    doc, _ = tiny
+    timed = [r for r in doc["rows"] if r["metric"] in ("time_ms", "bandwidth_fraction", "compute_fraction")]
+    assert timed and all(r["config"].split()[-1] == "cpu" for r in timed)  # --tiny: perf_counter on the CPU
+    untimed = [r for r in doc["rows"] if r["metric"] == "rel_error"]
+    assert untimed and not any(r["config"].endswith(" cpu") for r in untimed)
 
 
 def test_fractions_of_the_measured_device_rates(tiny):
@@ -164,3 +180,25 @@ def test_run_worker_keeps_the_last_result_and_reports_a_crash():
     result, failure = common.run_worker([sys.executable, "-c", script], timeout=60)
     assert result == {"rows": [1, 2]}
     assert "code 3" in failure
+
+
+# ------------------------------------------------------------------ CUDA graph timing (GPU only)
+
+
+@pytest.mark.gpu
+def test_graph_timer_times_a_backward_and_refuses_a_host_sync():
+    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_kernels", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    device = torch.device("cuda")
+    timer = bench.GraphTimer(device)
+    x = torch.randn(4096, 4096, device=device, requires_grad=True)
+
+    def prepare():  # the forward, untimed
+        y = (x * 2).sin()
+        return y, x, torch.ones_like(y)
+
+    ms = timer.time_ms(prepare, lambda st: torch.autograd.grad(*st, retain_graph=True), warmup_ms=1, rep_ms=5)
+    assert 0 < ms < 50
+    with pytest.raises(RuntimeError):  # .item() syncs with the host: not capturable, found before any capture
+        timer.time_ms(lambda: x, lambda t: t.sum().item(), warmup_ms=1, rep_ms=5)
