@@ -16,6 +16,12 @@ aborted run: ``metric`` is ``"error"``, ``value`` is the message (``"OutOfMemory
 ``"message"``; ``config`` says which step failed. Readers skip rows whose metric is ``"error"`` when they want
 numbers, and list them when they want to know what did not run.
 
+Optional ``"profiles"`` (``benchmarks/train.py --profile``): a list beside ``rows``, which it leaves unchanged,
+one dict per (contender, config): ``{"contender", "config", "source", "steps", "wall_ms", "device_ms", "busy_ms",
+"busy_fraction", "kernel_names", "categories": {category: ms}, "kernels": [{"name", "category", "calls", "ms",
+"share"}]}``, all per step (fields explained in ``benchmarks/profile_table.py``). The key is absent when nothing
+was profiled.
+
 Timing (:func:`bench_ms`) follows ``triton.testing.do_bench``: CUDA events around each repetition, the L2 cache
 flushed before each one, repetition counts from millisecond budgets, the median reported. It adds an optional
 untimed ``setup`` per repetition, for ops that consume their inputs (in-place kernels, a backward pass that
@@ -142,9 +148,10 @@ def device_details(device) -> dict:
 
 
 def write_results(path: Path, rows: list, *, device: dict | None, notes: list | None = None, append: bool = False,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, profiles: list | None = None) -> dict:
     """Write the results file; ``append`` merges into an existing one, replacing rows with the same
-    (benchmark, contender, config, metric). Returns the document written."""
+    (benchmark, contender, config, metric) and profiles with the same (contender, config). Returns the
+    document written."""
     path = Path(path)
     doc = {
         "device": (device or {}).get("name"),
@@ -164,9 +171,19 @@ def write_results(path: Path, rows: list, *, device: dict | None, notes: list | 
         doc["command"] = f"{old.get('command', '')} ; {doc['command']}"
         doc["device"] = doc["device"] or old.get("device")
         doc["device_details"] = doc["device_details"] or old.get("device_details", {})
+        profiles = merge_profiles(old.get("profiles", []), profiles or [])
+    if profiles:
+        doc["profiles"] = list(profiles)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return doc
+
+
+def merge_profiles(old: list, new: list) -> list:
+    """The ``profiles`` of two results files: a new one replaces an old one of the same (contender, config)."""
+    key = lambda p: (p.get("contender"), p.get("config"))  # noqa: E731
+    fresh = {key(p) for p in new}
+    return [p for p in old if key(p) not in fresh] + list(new)
 
 
 # ------------------------------------------------------------------ memory
