@@ -61,13 +61,16 @@ def load_training_dataset(cfg: FinetuneConfig, tokenizer):
     return ds, tokenizer
 
 
-def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) -> FinetuneResult:
+def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None,
+                 progress_bar: bool = True) -> FinetuneResult:
     """Train LoRA adapters as `cfg` says and save them (atomically) under the output folder.
 
     Ctrl-C, SIGTERM or `GracefulStop.request()` (pass your own GracefulStop in `callbacks` to hold it) end training
     after the current step with a checkpoint under <output>/checkpoints and the adapter saved; `cfg.resume`
     continues from a checkpoint. NaN/inf steps are skipped; `cfg.max_bad_steps` of them in a row raise a
-    TrainingError after the last good adapter is saved.
+    TrainingError after the last good adapter is saved. `progress_bar=False` leaves out Trainer's own bar, for
+    callers that show progress themselves (in a kernel it is transformers' notebook bar, which fails in its
+    on_train_end when training stops at its second step).
     """
     from ..fast import FastLanguageModel
 
@@ -88,6 +91,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks=(), model=None, tokenizer=None) 
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         max_seq_length=cfg.max_seq_length, text_field=cfg.text_field, logging_steps=cfg.logging_steps,
         seed=cfg.seed, save_steps=cfg.save_steps, warmup_steps=min(5, cfg.steps // 10),
+        disable_tqdm=not progress_bar,
     )
     stop = next((c for c in callbacks if isinstance(c, GracefulStop)), None) or GracefulStop()
     guard = NonFiniteGuard(cfg.max_bad_steps)

@@ -55,6 +55,9 @@ class Job:
         self.result = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        # Waited on instead of join(): a KeyboardInterrupt inside Thread.join (CPython 3.11) marks the thread as
+        # ended while it still runs, and Studio.wait turns that interrupt into a stop request.
+        self._done = threading.Event()
 
     def start(self) -> Job:
         if self.log is not None:
@@ -76,15 +79,15 @@ class Job:
                     self.on_done(self)
             finally:
                 _routes.pop(ident, None)
+                self._done.set()
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._done.is_set()
 
     def wait(self, timeout: float | None = None):
         """Block until the job ends; return its result or raise its error."""
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if not self._done.wait(timeout):
             raise TimeoutError(f"{self._thread.name} is still running after {timeout} s.")
         if self.error is not None:
             raise self.error

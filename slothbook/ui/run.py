@@ -50,11 +50,15 @@ def quiet_progress_bars():
                 module.enable_progress_bar()
 
 
-def outcome_text(result: FinetuneResult, planned_steps: int) -> str:
-    steps = result.trainer.state.global_step
+def outcome(result: FinetuneResult) -> tuple[str, str]:
+    """What a run ended with, in one line, and its kind: "ok" (finished) or "warning" (stopped early)."""
+    state = result.trainer.state
     loss = f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, " if result.losses else ""
-    early = f"stopped early after step {steps} of {planned_steps}" if steps < planned_steps else f"{steps} steps"
-    return f"{early}: {loss}{result.seconds:.1f} s; adapter saved to {result.adapter_dir}"
+    if result.stopped:
+        return (f"Stopped after step {state.global_step} of {state.max_steps} ({result.stopped}): {loss}"
+                f"{result.seconds:.1f} s; checkpoint saved to {result.checkpoint_dir}; "
+                f"adapter saved to {result.adapter_dir}", "warning")
+    return f"{state.global_step} steps: {loss}{result.seconds:.1f} s; adapter saved to {result.adapter_dir}", "ok"
 
 
 def notebook_finetune(cfg: FinetuneConfig, device: str | None = None):
@@ -75,14 +79,15 @@ def notebook_finetune(cfg: FinetuneConfig, device: str | None = None):
     view.show_profiler(profiler)
     try:
         with on_device(device), quiet_progress_bars():
-            result = run_finetune(cfg, callbacks=[profiler_callback(profiler), view])
-    except KeyboardInterrupt:
+            result = run_finetune(cfg, callbacks=[profiler_callback(profiler), view], progress_bar=False)
+    except KeyboardInterrupt:  # the second Ctrl-C: the first one stops after the step, with a checkpoint
         view.finish("interrupted: no adapter was saved", "warning")
         raise
     except BaseException as exc:
         view.finish(error_text(exc), "error")
         raise
+    text, kind = outcome(result)
     handle.update(StaticFigure(profiler.figure()))
-    display(Message(outcome_text(result, cfg.steps), "ok"))
+    display(Message(text, kind))
     print(profiler.summary())
     return result, profiler

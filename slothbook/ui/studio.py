@@ -21,6 +21,7 @@ from .devices import device_choices
 from .export import METHODS, export_model, gguf_types
 from .feedback import error_html, message_html
 from .jobs import Job
+from .kernel_interrupt import REASON, InterruptStops
 from .sources import describe_model, preview_html, save_upload
 
 TABS = ("Memory estimate", "Training", "Export", "Log")
@@ -101,7 +102,8 @@ class Studio:
         self.last_estimate = None
         self.last_export = None
         self.job: Job | None = None
-        self._stop = None
+        self._stop = None  # the GracefulStop of the training in progress
+        self._interrupt = None  # its InterruptStops, until the main thread can take the handler back
         self._dataset_source: str | None = None  # None: the bundled demo
         self.log = LogView()
         self._build(model, d, offload)
@@ -316,16 +318,17 @@ class Studio:
         """Start training in a background thread. Returns at once unless `wait`; then `result` holds the
         FinetuneResult (model, tokenizer, losses, adapter_dir) and `model` / `tokenizer` the trained pair."""
         from ..profiler import MemoryProfiler
+        from ..train.interrupt import GracefulStop
         from ..train.job import run_finetune
         from .run import on_device, profiler_callback, quiet_progress_bars
-        from .training import StopCallback, TrainingView
+        from .training import TrainingView
 
         if self.busy:
             raise ConfigError("A job is already running: wait for it, or press Stop.")
         cfg = self.config()
         device = self.device_box.value
         self.profiler = profiler = MemoryProfiler(device=device, live=False)  # shown in the view instead
-        self._stop = stop = StopCallback()
+        self._stop = stop = GracefulStop()  # in the worker thread it installs no signal handler: see below
         self.view = view = TrainingView(cfg.steps, profiler)
         self.training_box.children = [view.widget]
         self.tabs.selected_index = 1
@@ -333,51 +336,76 @@ class Studio:
 
         def work():
             with on_device(device), quiet_progress_bars():
-                return run_finetune(cfg, callbacks=[profiler_callback(profiler), view, stop])
+                # The view is the progress bar: Trainer's own would land in whichever cell runs.
+                return run_finetune(cfg, callbacks=[stop, profiler_callback(profiler), view], progress_bar=False)
 
         def done(job):
-            self._finish_training(job, view, cfg)
+            self._finish_training(job, view)
 
         self._set_busy(True, stoppable=True)
         self._say(f"Training {cfg.model} for {cfg.steps} steps ...", "info")
-        self.job = Job(work, on_done=done, log=self.log.write, name="slothbook-train").start()
+        self.job = job = Job(work, on_done=done, log=self.log.write, name="slothbook-train")
+        job.start()
+        self._release_interrupt()
+        self._interrupt = InterruptStops(stop, lambda: job.running, on_stop=lambda: self._say_stopping(REASON))
+        self._interrupt.install()  # the kernel's Interrupt stops training too (called from the main thread)
         if wait:
             self.wait()
 
-    def _finish_training(self, job: Job, view, cfg: FinetuneConfig) -> None:
+    def _finish_training(self, job: Job, view) -> None:
         from .feedback import error_text
-        from .run import outcome_text
+        from .run import outcome
 
         self.log.flush()
+        self._stop = None
         self._set_busy(False)
         if job.error is not None:
             view.finish(error_text(job.error), "error")
             self.status.value = error_html(job.error)
             return
         self.result = job.result
-        text = outcome_text(job.result, cfg.steps)
-        early = job.result.trainer.state.global_step < cfg.steps
-        view.finish(text, "warning" if early else "ok")
-        self._say(text, "warning" if early else "ok")
+        text, kind = outcome(job.result)
+        view.finish(text, kind)
+        self._say(text, kind)
         if not self.export_path.value:
             self.export_path.value = str(Path(job.result.adapter_dir).parent / "export")
 
+    def _release_interrupt(self) -> None:
+        if self._interrupt is not None:
+            self._interrupt.uninstall()
+            self._interrupt = None
+
     @_reports_errors
-    def stop(self) -> None:
-        """End training after the step in progress; the adapter trained so far is saved."""
-        if self._stop is None or not self.busy:
+    def stop(self, reason: str = "Stop button") -> None:
+        """End training after the step in progress, saving a checkpoint to resume from and the adapter."""
+        stop = self._stop  # the worker thread clears it when training ends
+        if stop is None or not self.busy:
             self._say("Nothing is training.", "info")
             return
-        self._stop.request()
+        stop.request(reason)
+        self._say_stopping(reason)
+
+    def _say_stopping(self, reason: str) -> None:
         self.stop_button.disabled = True
-        self._say("Stopping after the current step ...", "warning")
+        self._say(f"{reason}: stopping after the current step and saving a checkpoint ...", "warning")
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the running job ends; raise its error (which the panel shows too). Results land in
-        `result` (training) and `last_export` (export)."""
+        `result` (training) and `last_export` (export). Interrupting the kernel while it waits for training
+        stops training after the step, as Stop does; a second interrupt stops the waiting."""
         if self.job is None:
             raise ConfigError("Nothing has been started: press Train or Export first.")
-        self.job.wait(timeout)
+        try:
+            self.job.wait(timeout)
+        except KeyboardInterrupt:
+            stop = self._stop
+            if stop is None or stop.requested or not self.busy:
+                raise
+            self.stop(reason=REASON)
+            self.job.wait(timeout)
+        finally:
+            if not self.busy:
+                self._release_interrupt()
 
     def _set_busy(self, busy: bool, stoppable: bool = False) -> None:
         self.train_button.disabled = self.export_button.disabled = self.estimate_button.disabled = busy

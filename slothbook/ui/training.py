@@ -1,33 +1,12 @@
-"""What a notebook shows while a fine-tune runs, and the Stop button's callback.
-
-Both are `TrainerCallback`s plugged into `run_finetune(cfg, callbacks=...)`: the trainer knows neither.
+"""What a notebook shows while a fine-tune runs: a `TrainerCallback` plugged into `run_finetune(cfg, callbacks=...)`,
+which does not know who watches. (The Stop button is train/interrupt.py's GracefulStop.)
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
 from transformers import TrainerCallback
-
-
-class StopCallback(TrainerCallback):
-    """After `request()`, training ends once the step in progress is done; `run_finetune` then saves the adapter
-    as it does at the last step."""
-
-    def __init__(self):
-        self._event = threading.Event()
-
-    def request(self) -> None:
-        self._event.set()
-
-    @property
-    def requested(self) -> bool:
-        return self._event.is_set()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._event.is_set():
-            control.should_training_stop = True
 
 
 def _duration(seconds: float) -> str:

@@ -81,6 +81,12 @@ class KernelSession:
         self.client.execute_cell(cell, len(self.nb.cells) - 1)
         return cell.outputs
 
+    def interrupt(self) -> None:
+        """What a frontend's "Interrupt kernel" does: SIGINT to the kernel process (its kernelspec's interrupt mode)."""
+        from jupyter_core.utils import run_sync
+
+        run_sync(self.client.km.interrupt_kernel)()
+
     def fails(self, source: str) -> str:
         """Run a cell that must fail; return the error text the user sees."""
         try:
