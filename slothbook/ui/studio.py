@@ -287,7 +287,7 @@ class Studio:
             responses_only=self.responses_only.value, max_seq_length=self.max_seq_length.value,
             steps=self.steps.value, batch_size=self.batch_size.value, r=self.r.value,
             lora_alpha=self.lora_alpha.value, lr=self.lr.value, load_in_4bit=self.load_in_4bit.value,
-            gradient_checkpointing="slothbook" if self.offload.value else True, output=self._run_folder(),
+            gradient_checkpointing="slothbook" if self.offload.value else "auto", output=self._run_folder(),
             logging_steps=1,
         ))
 
