@@ -126,3 +126,36 @@ def test_disable_restores_and_rejects_bad_chunks(model):
     assert not any("forward" in mlp.__dict__ for mlp in mlps)
     with pytest.raises(ConfigError):
         enable_tiled_mlp(model, chunk_tokens=0)
+
+
+def test_above_leaves_inputs_up_to_that_many_tokens_untouched(model, ids):
+    mlp = find_decoder_layers(model)[0].mlp
+    enable_tiled_mlp(model, chunk_tokens=8, above=ids.numel())
+    try:
+        x = torch.randn(2, 24, model.config.hidden_size, requires_grad=True)
+        assert "TiledMLP" not in type(mlp(x).grad_fn).__name__  # 48 tokens: not above 48
+        longer = torch.randn(2, 25, model.config.hidden_size, requires_grad=True)
+        assert "TiledMLP" in type(mlp(longer).grad_fn).__name__
+    finally:
+        disable_tiled_mlp(model)
+    with pytest.raises(ConfigError):
+        enable_tiled_mlp(model, chunk_tokens=8, above=-1)
+
+
+def test_offloaded_checkpointing_tiles_only_above_16k_tokens(model):
+    """2048 x 4 tokens run the MLP whole (tiling would compute it a third time for memory that is not short)."""
+    from slothbook.train.checkpointing import set_gradient_checkpointing
+    from slothbook.train.tiled_mlp import TILED_MLP_ABOVE, TILED_MLP_CHUNK
+
+    mlp = find_decoder_layers(model)[0].mlp
+    rows = []
+    hook = mlp.down_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    set_gradient_checkpointing(model, "slothbook")
+    try:
+        with torch.no_grad():  # the tiled path chunks a no-grad call the same way, without the backward's cost
+            mlp(torch.randn(4, 2048, model.config.hidden_size))
+            mlp(torch.randn(1, TILED_MLP_ABOVE + 1, model.config.hidden_size))
+    finally:
+        set_gradient_checkpointing(model, False)
+        hook.remove()
+    assert TILED_MLP_ABOVE == 16384 and rows == [8192] + [TILED_MLP_CHUNK] * 4 + [1]
