@@ -73,6 +73,58 @@ def test_checkpointing_modes_order_and_offload_reports_host_bytes():
     assert peaks["plain"].detail["offloaded"] == 0
 
 
+def test_offload_tiles_the_mlp_only_above_16k_tokens_as_training_does():
+    from slothbook.train.tiled_mlp import TILED_MLP_ABOVE
+
+    at, above = (estimate(LLAMA_31_8B, n, 1, checkpointing="offload") for n in (TILED_MLP_ABOVE, TILED_MLP_ABOVE + 64))
+    assert above["activations"] < at["activations"]  # the MLP's part drops to one 4096-token chunk
+
+
+def test_auto_keeps_what_fits_between_offload_and_off():
+    """2048 x 4 tokens of Llama-3.1-8B QLoRA: a roomy GPU keeps every layer (the "off" figure), a small one none (the
+    "offload" figure); in between the kept layers grow with the memory and the estimate stays within it."""
+    off = estimate(LLAMA_31_8B, 2048, 4, checkpointing="off")
+    offload = estimate(LLAMA_31_8B, 2048, 4, checkpointing="offload")
+    roomy = estimate(LLAMA_31_8B, 2048, 4, checkpointing="auto", gpu_memory=80 * 2**30)
+    assert roomy.detail["kept_layers"] == 32 and roomy.bytes == off.bytes and roomy.detail["offloaded"] == 0
+    small = estimate(LLAMA_31_8B, 2048, 4, checkpointing="auto", gpu_memory=8 * 2**30)
+    assert small.detail["kept_layers"] == 0 and small.bytes == offload.bytes
+    assert small.detail["offloaded"] == offload.detail["offloaded"] == 32 * 8192 * 4096 * 2
+    kept = []
+    for gib in (14, 18, 22, 26, 30):
+        est = estimate(LLAMA_31_8B, 2048, 4, checkpointing="auto", gpu_memory=gib * 2**30)
+        k = est.detail["kept_layers"]
+        kept.append(k)
+        assert est.fits() and offload.total < est.total < off.total, gib
+        assert est.detail["offloaded"] == (32 - k) * 8192 * 4096 * 2
+    assert kept == sorted(set(kept)) and 0 < kept[0] and kept[-1] < 32, kept
+
+
+def test_auto_on_the_cpu_is_plain_checkpointing():
+    auto = estimate(LLAMA_31_8B, 1024, 2, checkpointing="auto", device="cpu")
+    assert auto.bytes == estimate(LLAMA_31_8B, 1024, 2, checkpointing="plain", device="cpu").bytes
+    assert auto.detail["kept_layers"] == 0 and auto.settings["checkpointing"] == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without gpu_memory 'auto' plans for this GPU")
+def test_auto_without_a_gpu_needs_gpu_memory():
+    with pytest.raises(ConfigError, match="gpu_memory"):
+        estimate(LLAMA_31_8B, 1024, checkpointing="auto")
+
+
+def test_max_fit_with_auto():
+    """At the longest sequence that fits nothing is kept: "auto" fits what "offload" fits, and more memory goes to
+    kept layers, not to length."""
+    budget = 24 * 2**30
+    fit = max_fit(LLAMA_31_8B, budget, seq_len=4096, batch_size=2, checkpointing="auto")
+    at = estimate(LLAMA_31_8B, fit.seq_len, 2, checkpointing="auto", gpu_memory=budget)
+    assert at.total <= budget < estimate(LLAMA_31_8B, fit.seq_len + 64, 2, checkpointing="auto",
+                                         gpu_memory=budget).total
+    assert at.detail["kept_layers"] == 0
+    assert fit == max_fit(LLAMA_31_8B, budget, seq_len=4096, batch_size=2, checkpointing="offload")
+    assert estimate(LLAMA_31_8B, 4096, 2, checkpointing="auto", gpu_memory=budget).detail["kept_layers"] > 0
+
+
 def test_optimizers():
     adam = estimate(LLAMA_31_8B, 1024, optimizer="adamw")
     eight = estimate(LLAMA_31_8B, 1024, optimizer="adamw_8bit")
