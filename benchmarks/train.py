@@ -5,11 +5,13 @@ built once per run on the GPU and saved with a small tokenizer to a local folder
 so nothing is downloaded and every contender loads the same weights. Random token ids (never zeros), sequence
 length 2048, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW (fused) on the LoRA weights, bf16 autocast.
 
-  hf               transformers + PEFT, SDPA (Gemma-2: eager), non-reentrant gradient checkpointing, plain loss
-  liger            hf + Liger-Kernel (apply_liger_kernel_to_<family>: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)
-  unsloth          Unsloth's FastLanguageModel, use_gradient_checkpointing="unsloth" (when its wheels are carried)
-  slothbook        slothbook's FastLanguageModel, kernels on, use_gradient_checkpointing="slothbook" (offloaded)
-  slothbook-plain  the same with use_gradient_checkpointing=True
+  hf                 transformers + PEFT, SDPA (Gemma-2: eager), non-reentrant gradient checkpointing, plain loss
+  liger              hf + Liger-Kernel (apply_liger_kernel_to_<family>: RoPE, RMSNorm, SwiGLU/GeGLU, fused linear CE)
+  unsloth            Unsloth's FastLanguageModel, use_gradient_checkpointing="unsloth" (when its wheels are carried)
+  slothbook          slothbook's FastLanguageModel, kernels on, its defaults (use_gradient_checkpointing="auto":
+                     the layers that fit in free GPU memory keep their activations, the rest are offloaded)
+  slothbook-offload  the same with use_gradient_checkpointing="slothbook" (every layer offloaded: least memory)
+  slothbook-plain    the same with use_gradient_checkpointing=True
 
 Configs: "qlora" (NF4 base) and "lora16" (bf16 base), at batch 1 and 4 for Llama, batch 4 for the others;
 "gen": greedy generation of 128 tokens after a 128-token prompt, batch 1 and 8, on the 16-bit Llama with LoRA,

@@ -14,7 +14,8 @@ CONTENDERS = {
     "hf": ("hf", {}),
     "liger": ("liger", {}),
     "unsloth": ("unsloth", {}),
-    "slothbook": ("slothbook", {"checkpointing": "slothbook"}),  # offloaded checkpointing
+    "slothbook": ("slothbook", {}),  # what a user gets: get_peft_model's default checkpointing ("auto")
+    "slothbook-offload": ("slothbook", {"checkpointing": "slothbook"}),  # every layer offloaded: least memory
     "slothbook-plain": ("slothbook", {"checkpointing": True}),  # transformers' checkpointing, same kernels
 }
 GENERATORS = ("hf", "slothbook", "unsloth")  # contenders with a generation path (for_inference / plain generate)
