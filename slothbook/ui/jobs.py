@@ -2,12 +2,15 @@
 
 A kernel has one stdout, and a print from a background thread lands in whichever cell happens to be running.
 `Job` routes what its thread writes to sys.stdout / sys.stderr into a log callback instead; other threads
-write through unchanged. The router is installed once and stays: it is a dictionary lookup per write.
+write through unchanged. The router is installed once and stays: it is a dictionary lookup per write. Logging
+handlers made before it (transformers' and datasets' own, at import) hold the stream itself; they are pointed at
+the router too, so a library's warning from the job lands in its log as well.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -43,6 +46,12 @@ def _install_router() -> None:
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, _Router):
             setattr(sys, name, _Router(stream))
+    routers = {id(r._stream): r for r in (sys.stdout, sys.stderr) if isinstance(r, _Router)}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):  # loggerDict also holds placeholders, without handlers
+            if isinstance(handler, logging.StreamHandler) and id(handler.stream) in routers:
+                handler.setStream(routers[id(handler.stream)])
 
 
 class Job:

@@ -27,6 +27,24 @@ def test_thread_output_goes_to_the_log_and_other_threads_print_as_usual(capsys):
     assert capsys.readouterr().out == "from the cell\n"
 
 
+def test_a_logging_handler_made_before_the_job_writes_the_jobs_warnings_to_its_log(capsys):
+    import logging
+    import sys
+
+    logger = logging.getLogger("slothbook.test_jobs")
+    handler = logging.StreamHandler(sys.stderr)  # as transformers makes its own at import, before any job
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        log = []
+        Job(lambda: logger.warning("from a library in the job"), log=log.append).start().wait(5)
+        logger.warning("from the cell")
+    finally:
+        logger.removeHandler(handler)
+    assert "".join(log) == "from a library in the job\n"
+    assert capsys.readouterr().err == "from the cell\n"
+
+
 def test_errors_are_kept_passed_to_on_done_and_raised_by_wait():
     seen = []
 
