@@ -4,12 +4,14 @@
 stacks: cheap) and returns a plain dict (JSON-ready; ``benchmarks/train.py --profile`` stores one per contender
 and config under the results file's ``"profiles"`` key)::
 
-    {"source": "cuda", "steps": 2, "wall_ms": 812.4, "device_ms": 655.0, "busy_ms": 640.2, "busy_fraction": 0.788,
-     "categories": {"matmul": 402.1, ...}, "kernels": [{"name", "category", "calls", "ms", "share"}, ...]}
+    {"source": "cuda" | "cpu", "steps", "wall_ms", "device_ms", "busy_ms", "busy_fraction", "kernel_names",
+     "categories": {"matmul": ms, ...}, "kernels": [{"name", "category", "calls", "ms", "share"}, ...]}
 
 Every time is per step. ``device_ms`` is the summed kernel time (kernels on parallel streams both count),
 ``busy_ms`` the time at least one kernel ran, ``busy_fraction`` = busy / wall: what is left is the GPU waiting
-on the host (launch overhead, Python, synchronisation). ``share`` is a kernel's part of ``device_ms``;
+on the host (launch overhead, Python, synchronisation). The wall time includes the profiler's own cost (it
+records every CPU op too): a caller that timed unprofiled steps may add their median as ``timed_ms``, which
+:func:`overview` shows beside it. ``share`` is a kernel's part of ``device_ms``;
 ``categories`` splits all of ``device_ms``, not only the top kernels listed.
 
 On a machine without CUDA (the smoke test) the CPU ops stand in for kernels: ``source`` is ``"cpu"``, times
@@ -222,11 +224,14 @@ def _cell(text) -> str:
 
 
 def overview(profiles: list) -> str:
-    """One line per (config, contender): wall time, GPU busy, and the kernel time split by category."""
-    header = ["config", "contender", "wall ms", "busy", "kernel ms"] + list(CATEGORIES)
+    """One line per (config, contender): the unprofiled step time where known ("timed_ms", set by the caller),
+    the profiled wall time, the busy time and fraction, and the kernel time split by category."""
+    header = ["config", "contender", "step ms", "profiled ms", "busy ms", "busy", "kernel ms"] + list(CATEGORIES)
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in sorted(profiles, key=lambda p: (p["config"], p["contender"])):
-        cells = [p["config"], p["contender"], f"{p['wall_ms']:.1f}", f"{p['busy_fraction']:.0%}", f"{p['device_ms']:.1f}"]
+        timed = f"{p['timed_ms']:.1f}" if p.get("timed_ms") else "-"
+        cells = [p["config"], p["contender"], timed, f"{p['wall_ms']:.1f}", f"{p['busy_ms']:.1f}",
+                 f"{p['busy_fraction']:.0%}", f"{p['device_ms']:.1f}"]
         cells += [f"{p['categories'].get(key, 0.0):.1f}" for key in CATEGORIES]
         out.append("| " + " | ".join(map(_cell, cells)) + " |")
     return "\n".join(out)

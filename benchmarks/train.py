@@ -54,6 +54,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 import common  # noqa: E402
 import contenders  # noqa: E402
+import profile_table  # noqa: E402
 from contenders.base import RANK, Job  # noqa: E402
 
 # This folder also holds kernels.py: take it off sys.path again, so that libraries probing for the Hugging
@@ -112,7 +113,9 @@ MODELS = {
 TINY = Shape("tiny-llama", "llama", dict(
     MODELS["llama"].config, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=1024, bos_token_id=1, eos_token_id=2), batches=(1, 2), generation=True)
-TINY_SIZES = dict(seq=32, warmup=1, steps=2, gen_prompt=8, gen_new=4, gen_batches=(1, 2))
+# --tiny --profile: one profiled step of the first batch only (a profiled step under the interpreter takes seconds).
+TINY_SIZES = dict(seq=32, warmup=1, steps=2, gen_prompt=8, gen_new=4, gen_batches=(1, 2), profile_steps=1)
+PROFILE_STEPS = 2
 
 
 # ================================================================== FLOPs
@@ -165,14 +168,16 @@ def main(argv=None) -> None:
         out = Path(args.out or RESULTS)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(doc, indent=1) + "\n")
-        report(doc["rows"], args)
+        report(doc["rows"], args, doc.get("profiles", []))
         print(f"merged {len(args.merge)} files ({len(doc['rows'])} rows) into {out}")
         return None
     return run(args)
 
 
-def report(rows: list, args) -> None:
+def report(rows: list, args, profiles: list = ()) -> None:
     print(summary(rows))
+    if profiles:  # where the step time goes: the category split; --markdown adds each one's top kernels
+        print("\n" + (profile_table.markdown(profiles) if args.markdown else profile_table.overview(profiles)))
     if args.markdown:
         print("\n" + markdown(rows))
     if args.chart:
@@ -205,6 +210,12 @@ def parse_args(argv):
                    help="run nothing: merge these results files (e.g. from separate device calls) into --out")
     p.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for the docs)")
     p.add_argument("--chart", default=None, metavar="SVG", help="also write the tokens/s bar chart to this file")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile more steps with torch.profiler: the top kernels and the "
+                        "split of the step's device time by category (stored under \"profiles\")")
+    p.add_argument("--profile-top", type=int, default=profile_table.TOP, help="kernels listed per profile")
+    p.add_argument("--profile-steps", type=int, default=None,
+                   help=f"steps profiled (default {PROFILE_STEPS}; --tiny: {TINY_SIZES['profile_steps']})")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: tiny Llama, 2 timed steps, hf and slothbook, Triton interpreter")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -213,6 +224,8 @@ def parse_args(argv):
         args.seq, args.warmup, args.steps = TINY_SIZES["seq"], TINY_SIZES["warmup"], TINY_SIZES["steps"]
     if args.contenders is None:
         args.contenders = list(TINY_CONTENDERS if args.tiny else contenders.CONTENDERS)
+    if args.profile_steps is None:
+        args.profile_steps = TINY_SIZES["profile_steps"] if args.tiny else PROFILE_STEPS
     if args.steps < 1 or args.warmup < 1:
         p.error("--steps and --warmup must be at least 1 (the first warm-up step gives first_loss)")
     return args
@@ -241,7 +254,7 @@ def run(args) -> None:
         env["TRITON_INTERPRET"] = "1"
     partial = out.with_name(out.stem + ".partial.json")
     deadline = time.monotonic() + args.budget_s
-    rows, notes, state = [], [], {"device": None, "calibration": None}
+    rows, notes, profiles, state = [], [], [], {"device": None, "calibration": None}
 
     def launch(spec: dict, label: str) -> dict:
         left = deadline - time.monotonic()
@@ -254,12 +267,14 @@ def run(args) -> None:
         result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
                                              json.dumps(spec)], timeout=min(left, args.worker_timeout_s), env=env)
         rows.extend(result.get("rows", []))
+        profiles.extend(result.get("profiles", []))
         if failure:
             where = result.get("current") or {"contender": spec.get("contender", "setup"), "config": label}
             rows.append(common.error_row(BENCHMARK, where["contender"], where["config"], failure))
         state["device"] = state["device"] or result.get("device")
         state["calibration"] = state["calibration"] or result.get("calibration")
-        common.write_results(partial, rows, device=state["device"], notes=notes)  # survives a killed parent
+        common.write_results(partial, rows, device=state["device"], notes=notes,  # survives a killed parent
+                             profiles=profiles)
         return result
 
     for shape in shapes_of(args):
@@ -276,17 +291,19 @@ def run(args) -> None:
                 launch(spec, label)
         if not args.keep_folders:
             shutil.rmtree(folder, ignore_errors=True)
-    common.write_results(out, rows, device=state["device"], notes=notes, append=args.append)
+    common.write_results(out, rows, device=state["device"], notes=notes, append=args.append, profiles=profiles)
     partial.unlink(missing_ok=True)
-    report(rows, args)
+    report(rows, args, profiles)
     print(f"wrote {len(rows)} rows to {out}")
 
 
 def plan(args, shape: Shape, folder: Path) -> list[tuple[dict, str]]:
     """The worker specs for one model, in order: every training config for every contender, then generation."""
     base = dict(model=shape.name, folder=str(folder), seq=args.seq)
-    pieces = [(dict(base, kind="train", contender=name, config=config, batches=args.batches or shape.batches,
-                    warmup=args.warmup, steps=args.steps, flops_per_token=flops_per_token(shape, args.seq)),
+    batches = list(args.batches or shape.batches)
+    pieces = [(dict(base, kind="train", contender=name, config=config, batches=batches, warmup=args.warmup,
+                    steps=args.steps, flops_per_token=flops_per_token(shape, args.seq),
+                    profile=profile_spec(args, batches)),
                f"{name} {config} {shape.name}")
               for config in args.configs if config != "gen" for name in args.contenders]
     if "gen" in args.configs and shape.generation:
@@ -295,10 +312,17 @@ def plan(args, shape: Shape, folder: Path) -> list[tuple[dict, str]]:
     return pieces
 
 
+def profile_spec(args, batches: list) -> dict | None:
+    """What the worker profiles after timing (None: nothing); --tiny profiles its first batch only."""
+    if not args.profile:
+        return None
+    return dict(steps=args.profile_steps, top=args.profile_top, batches=batches[:1] if args.tiny else batches)
+
+
 # ================================================================== worker
 
 def worker(spec: dict) -> None:
-    result = {"rows": [], "device": None, "calibration": spec.get("calibration"), "current": None}
+    result = {"rows": [], "profiles": [], "device": None, "calibration": spec.get("calibration"), "current": None}
     rec = common.Recorder(BENCHMARK, result["rows"])
     if spec.get("contender") == "unsloth":
         try:
@@ -403,6 +427,7 @@ def train(spec: dict, device, rec, result) -> None:
     for batch in spec["batches"]:
         config = label(batch)
         current(result, name, config)
+        last = None
         with rec.guard(name, config, device):
             ids = random_ids(vocab, batch, seq, spec["warmup"] + spec["steps"], device, seed=batch)
             common.free_memory(device)
@@ -429,9 +454,26 @@ def train(spec: dict, device, rec, result) -> None:
                 rec.add(name, config, "mfu", round(tokens_per_s * spec["flops_per_token"] / result["calibration"], 4),
                         "fraction")
             rec.add(name, config, "first_loss", round(first_loss, 4), "nats")
+            last = ids[-1], statistics.median(times) * 1000
             del ids
+        if spec.get("profile") and batch in spec["profile"]["batches"] and last is not None:
+            profile(step, *last, spec, config, device, rec, result)
         result["current"] = None
         common.emit(result)
+
+
+def profile(step, ids, timed_ms: float, spec: dict, config: str, device, rec, result) -> None:
+    """torch.profiler over more steps on the last timed batch (after the memory peaks were read: the profiler's
+    buffers do not count there); ``timed_ms``, the unprofiled median step, goes with it to show the profiler's
+    own cost. A failure is an error row of its own, the timed rows stay."""
+    name = spec["contender"]
+    current(result, name, f"{config} profile")
+    # Liger and Unsloth kernels may share a name with ours: only slothbook's own runs count as ours.
+    ours = profile_table.slothbook_kernel_names() if name.startswith("slothbook") else frozenset()
+    with rec.guard(name, f"{config} profile", device):
+        found = profile_table.profile_steps(lambda: step(ids), device, steps=spec["profile"]["steps"],
+                                            top=spec["profile"]["top"], ours=ours)
+        result["profiles"].append(dict(contender=name, config=config, timed_ms=round(timed_ms, 3), **found))
 
 
 def generate(spec: dict, device, rec, result) -> None:
@@ -564,18 +606,22 @@ def merge_documents(docs: list[dict]) -> dict:
     key = lambda r: (r["benchmark"], r["contender"], r["config"], r["metric"])  # noqa: E731
     rows: dict = {}
     versions: dict = {}
-    notes = []
+    notes, profiles = [], []
     for doc in docs:
         rows.update({key(r): r for r in doc.get("rows", [])})
+        profiles = common.merge_profiles(profiles, doc.get("profiles", []))
         notes += doc.get("notes", [])
         for package, version in doc.get("versions", {}).items():
             if versions.setdefault(package, version) != version:
                 notes.append(f"{package} {version} in the part run by: {doc.get('command')}")
     first = next((d for d in docs if d.get("device")), docs[0])
-    return {"device": first.get("device"), "device_details": first.get("device_details", {}), "versions": versions,
-            "date": max(d.get("date", "") for d in docs), "command": " ; ".join(d.get("command", "") for d in docs),
-            "rows": list(rows.values()), "notes": notes,
-            "parts": [{k: d.get(k) for k in ("command", "date", "device", "versions")} for d in docs]}
+    merged = {"device": first.get("device"), "device_details": first.get("device_details", {}),
+              "versions": versions, "date": max(d.get("date", "") for d in docs),
+              "command": " ; ".join(d.get("command", "") for d in docs), "rows": list(rows.values()), "notes": notes,
+              "parts": [{k: d.get(k) for k in ("command", "date", "device", "versions")} for d in docs]}
+    if profiles:
+        merged["profiles"] = profiles
+    return merged
 
 
 if __name__ == "__main__":

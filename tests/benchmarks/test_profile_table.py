@@ -29,11 +29,13 @@ FILL = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunct
 COPY = ("void at::native::elementwise_kernel<128, 2, at::native::gpu_kernel_impl_nocast<at::native::"
         "direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}::operator()() const::{lambda(c10::BFloat16)#1}>"
         "(at::TensorIteratorBase&)::{lambda(int)#1}>(int, at::native::gpu_kernel_impl_nocast<...>)")
-XMMA = "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_cublas"
+XMMA = ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel"
+        "__5x_cublas")
 FLASH = ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4, false, false, "
          "cutlass::bfloat16_t, Flash_kernel_traits<128, 128, 64, 4, cutlass::bfloat16_t> >, false, true>"
          "(pytorch_flash::Flash_fwd_params)")
-DEQUANT = "void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int, int)"
+DEQUANT = ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, "
+           "int, int)")
 ADAM = ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
         "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, "
         "(at::native::ADAM_MODE)1, false>, float*, double>(at::native::(anonymous namespace)::TensorListMetadata<4>)")
@@ -100,11 +102,12 @@ def test_summary_per_step_sorted_and_split_by_category():
 
 def test_markdown_has_the_overview_and_each_profile():
     p = pt.summarize([(XMMA, 800.0), (FILL, 200.0)], steps=1, wall_ms=2.0, busy=1000.0, source="cuda")
-    text = pt.markdown([dict(p, contender="slothbook", config="qlora 2048x4 llama-3.1-8b"),
+    text = pt.markdown([dict(p, contender="slothbook", config="qlora 2048x4 llama-3.1-8b", timed_ms=1.5),
                         dict(p, contender="hf", config="qlora 2048x4 llama-3.1-8b")])
     lines = text.splitlines()
-    assert lines[0].startswith("| config | contender | wall ms | busy | kernel ms | matmul | attention |")
-    assert "| qlora 2048x4 llama-3.1-8b | hf | 2.0 | 50% | 1.0 | 0.8 | 0.0 |" in text
+    assert lines[0].startswith("| config | contender | step ms | profiled ms | busy ms | busy | kernel ms | matmul |")
+    assert "| qlora 2048x4 llama-3.1-8b | slothbook | 1.5 | 2.0 | 1.0 | 50% | 1.0 | 0.8 | 0.0 |" in text
+    assert "| qlora 2048x4 llama-3.1-8b | hf | - | 2.0 | 1.0 | 50% | 1.0 | 0.8 | 0.0 |" in text  # not timed
     assert lines.index("#### hf, qlora 2048x4 llama-3.1-8b") < lines.index("#### slothbook, qlora 2048x4 llama-3.1-8b")
     assert "| `vectorized_elementwise_kernel<FillFunctor>` | aten | 1 | 0.20 | 20.0% |" in text
     assert pt.markdown([]) == ""

@@ -1,6 +1,6 @@
-"""Smoke test of benchmarks/train.py (--tiny: a two-layer Llama on the CPU, slothbook's kernels under the Triton
-interpreter), its FLOP count and the merging of results files. Speed is not checked; the plumbing, the schema
-and the agreement of the contenders' first losses are."""
+"""Smoke test of benchmarks/train.py (--tiny --profile: a two-layer Llama on the CPU, slothbook's kernels under the
+Triton interpreter, one profiled step per contender and config), its FLOP count and the merging of results files.
+Speed is not checked; the plumbing, the schema and the agreement of the contenders' first losses are."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _run(*args, timeout=900):
 def tiny(tmp_path_factory):
     base = tmp_path_factory.mktemp("train-bench")
     out = base / "train.json"
-    done = _run("--tiny", "--out", str(out), "--workdir", str(base / "work"))
+    done = _run("--tiny", "--profile", "--profile-top", "6", "--out", str(out), "--workdir", str(base / "work"))
     return json.loads(out.read_text()), done.stdout, base
 
 
@@ -109,6 +109,26 @@ def test_flop_count_and_calibration_are_recorded(tiny):
 
 
 @slow
+def test_profiles_of_the_first_batch_of_every_contender_and_config(tiny):
+    doc, stdout, _ = tiny
+    profiles = {(p["contender"], p["config"]): p for p in doc["profiles"]}
+    first = train.TINY.batches[0]
+    assert set(profiles) == {(c, f"{config} {train.TINY_SIZES['seq']}x{first} tiny-llama")
+                             for c in ("hf", "slothbook") for config in ("qlora", "lora16")}
+    for p in profiles.values():
+        assert p["source"] == "cpu" and p["steps"] == train.TINY_SIZES["profile_steps"] and p["timed_ms"] > 0
+        assert 0 < p["busy_ms"] <= p["wall_ms"] * 1.01 and 0 < p["busy_fraction"] <= 1.01
+        assert list(p["categories"]) == list(train.profile_table.CATEGORIES)
+        assert abs(sum(p["categories"].values()) - p["device_ms"]) < 0.01 * p["device_ms"] + 0.01
+        assert 0 < len(p["kernels"]) <= 6 and all(k["category"] in p["categories"] for k in p["kernels"])
+        assert [k["ms"] for k in p["kernels"]] == sorted((k["ms"] for k in p["kernels"]), reverse=True)
+        assert 0 < sum(k["share"] for k in p["kernels"]) <= 1.0001
+    hf_qlora = profiles[("hf", f"qlora {train.TINY_SIZES['seq']}x{first} tiny-llama")]
+    assert hf_qlora["categories"]["nf4_dequant"] > 0 and hf_qlora["categories"]["matmul"] > 0  # bitsandbytes' ops
+    assert "| config | contender | step ms | profiled ms | busy ms | busy | kernel ms |" in stdout  # the overview
+
+
+@slow
 def test_summary_and_cleanup(tiny):
     doc, stdout, base = tiny
     assert "x hf tok/s" in stdout and "errors: 0" in stdout
@@ -157,6 +177,13 @@ def test_merge_keeps_later_rows_and_every_part(tmp_path):
                                     "value": value, "unit": "tokens/s"}
     a = _doc("a", [row("hf", 1.0), row("slothbook", 2.0)], {"torch": "2.11", "trl": "1.16.0"})
     b = _doc("b", [row("slothbook", 3.0), row("unsloth", 4.0)], {"torch": "2.11", "trl": "1.15.0", "unsloth": "x"})
+    config = "qlora 2048x4 llama-3.1-8b"
+    kernel = ("sm90_xmma_gemm_bf16bf16", 1000.0)
+    profile = lambda contender, wall: dict(  # noqa: E731
+        train.profile_table.summarize([kernel], steps=1, wall_ms=wall, busy=1000.0, source="cuda"),
+        contender=contender, config=config)
+    a["profiles"] = [profile("hf", 4.0), profile("slothbook", 8.0)]
+    b["profiles"] = [profile("slothbook", 2.0)]
     paths = []
     for name, doc in (("a", a), ("b", b)):
         paths.append(tmp_path / f"{name}.json")
@@ -173,6 +200,10 @@ def test_merge_keeps_later_rows_and_every_part(tmp_path):
     labels = [t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")]
     assert {"hf", "slothbook", "unsloth", "qlora 2048x4 llama-3.1-8b"} <= set(labels)
     assert "3 (3.00x hf)" in labels
+    assert [(p["contender"], p["wall_ms"]) for p in merged["profiles"]] == [("hf", 4.0), ("slothbook", 2.0)]
+    assert f"| {config} | slothbook | - | 2.0 | 1.0 | 50% | 1.0 | 1.0 |" in done.stdout
+    assert f"#### hf, {config}" in done.stdout
+    assert "| `sm90_xmma_gemm_bf16bf16` | matmul | 1 | 1.00 | 100.0% |" in done.stdout
 
 
 def test_spent_budget_records_what_did_not_run(tmp_path):
