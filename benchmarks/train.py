@@ -424,10 +424,10 @@ def train(spec: dict, device, rec, result) -> None:
     if step is None:
         return
     vocab = shape_named(model).get("vocab_size")
+    to_profile = []
     for batch in spec["batches"]:
         config = label(batch)
         current(result, name, config)
-        last = None
         with rec.guard(name, config, device):
             ids = random_ids(vocab, batch, seq, spec["warmup"] + spec["steps"], device, seed=batch)
             common.free_memory(device)
@@ -454,18 +454,22 @@ def train(spec: dict, device, rec, result) -> None:
                 rec.add(name, config, "mfu", round(tokens_per_s * spec["flops_per_token"] / result["calibration"], 4),
                         "fraction")
             rec.add(name, config, "first_loss", round(first_loss, 4), "nats")
-            last = ids[-1], statistics.median(times) * 1000
+            if spec.get("profile") and batch in spec["profile"]["batches"]:
+                to_profile.append((config, ids[-1], statistics.median(times) * 1000))
             del ids
-        if spec.get("profile") and batch in spec["profile"]["batches"] and last is not None:
-            profile(step, *last, spec, config, device, rec, result)
+        result["current"] = None
+        common.emit(result)
+    # After every batch is timed: no timed step runs after the profiler (CUPTI) was switched on in this process.
+    for config, ids, timed_ms in to_profile:
+        profile(step, ids, timed_ms, spec, config, device, rec, result)
         result["current"] = None
         common.emit(result)
 
 
 def profile(step, ids, timed_ms: float, spec: dict, config: str, device, rec, result) -> None:
-    """torch.profiler over more steps on the last timed batch (after the memory peaks were read: the profiler's
-    buffers do not count there); ``timed_ms``, the unprofiled median step, goes with it to show the profiler's
-    own cost. A failure is an error row of its own, the timed rows stay."""
+    """torch.profiler over more steps on the last timed batch of ``config``, once every batch is timed and its
+    memory peaks read; ``timed_ms``, the unprofiled median step, goes with it to show the profiler's own cost.
+    A failure is an error row of its own, the timed rows stay."""
     name = spec["contender"]
     current(result, name, f"{config} profile")
     # Liger and Unsloth kernels may share a name with ours: only slothbook's own runs count as ours.
