@@ -64,12 +64,12 @@ def free_device_bytes(device: torch.device) -> int:
 
 
 def check_budget(memory_budget) -> None:
-    ok = memory_budget is None or (isinstance(memory_budget, int) and not isinstance(memory_budget, bool)
-                                   and memory_budget >= 0) or (isinstance(memory_budget, float) and 0 < memory_budget <= 1)
-    if not ok:
-        raise ConfigError(f"memory_budget={memory_budget!r}: use None (measure the free GPU memory each step), a number "
-                          "of bytes the kept layers' activations may take (an int >= 0), or a fraction in (0, 1] of "
-                          "the measured room.")
+    exact = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 0
+    fraction = isinstance(memory_budget, float) and 0 < memory_budget <= 1
+    if not (memory_budget is None or exact or fraction):
+        raise ConfigError(f"memory_budget={memory_budget!r}: use None (measure the free GPU memory each step), a "
+                          "number of bytes the kept layers' activations may take (an int >= 0), or a fraction in "
+                          "(0, 1] of the measured room.")
 
 
 class KeepPlan:

@@ -14,7 +14,8 @@ from slothbook import FastLanguageModel
 from slothbook.errors import ConfigError
 from slothbook.train.checkpointing import set_gradient_checkpointing
 from slothbook.train.keep import KeepPlan, recipe_of
-from slothbook.train.offload import disable_offloaded_checkpointing, enable_offloaded_checkpointing, find_decoder_layers, keep_plan
+from slothbook.train.offload import (disable_offloaded_checkpointing, enable_offloaded_checkpointing, find_decoder_layers,
+                                     keep_plan)
 
 LAYERS = 30
 BATCH, SEQ = 2, 16
@@ -105,7 +106,8 @@ def test_a_budget_for_k_layers_keeps_exactly_the_last_k(model, ids, plain, kept)
 
 def test_the_offload_path_with_kept_layers(model, ids, plain):
     """The GPU's offload path, through ordinary host buffers: the checkpointed layers' inputs go to the pool."""
-    pool = enable_offloaded_checkpointing(model, offload_on_cpu=True, auto=True, memory_budget=5 * layer_bytes(model, ids))
+    budget = 5 * layer_bytes(model, ids)
+    pool = enable_offloaded_checkpointing(model, offload_on_cpu=True, auto=True, memory_budget=budget)
     try:
         calls, grads = mlp_calls(model, ids)
         assert pool.stats().buffers == LAYERS - 5  # one host buffer per offloaded layer, back in the pool
