@@ -9,6 +9,9 @@ sequence length (2K, 8K, 32K by default):
   unprofiled  warm-up, then --steps timed steps without the profiler (the allocator's peak of the last one),
               and --steps more after the profiled ones: their mean is the baseline, their gap the drift
   profiled    the same steps inside `MemoryProfiler` (CPU: cpu_mode="exact", so the peak includes transients)
+  paired      --steps pairs of steps, one unprofiled then one profiled (the profiler attached around that step
+              alone): overhead_fraction is the median of the pairs' time ratios less 1, which drift between
+              blocks of steps (several percent on an H100 at 2K tokens) does not move
               Beyond --overhead-max-seq tokens (default 8K) only the warm-up and one profiled step run: the
               memory rows, no overhead rows (a 32K step takes seconds; the overhead is measured at 2K and 8K).
   estimate    `estimate(config, seq, 1, **training_setup(model, optimizer))`, from the config alone
@@ -19,8 +22,9 @@ Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
                       first phase sample at the step's peak), peak_where (the estimate's: head, layer or
                       optimizer step), cuda_runtime_gib (the estimate's cuBLAS workspaces) and, for sequences
                       past --overhead-max-seq, the profiled step's step_time_ms
-  profiler_overhead   step_time_ms (unprofiled / profiled), overhead_fraction (profiled / unprofiled - 1) and
-                      drift_fraction (second unprofiled run / first - 1: noise to read the overhead against)
+  profiler_overhead   step_time_ms (unprofiled / profiled: medians over the pairs), overhead_fraction (median
+                      of the pairs' profiled / unprofiled, less 1) and drift_fraction (the pairs' unprofiled
+                      median over the first unprofiled block's, less 1: the drift the pairing cancels)
 
   python benchmarks/estimator_accuracy.py --steps 2 --budget-s 330 --append   # the whole grid, ~4 min on an H100
   python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece
@@ -165,18 +169,18 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def timed_one(after_step=None) -> float:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        step()
+        if after_step is not None:
+            after_step()
+        common.sync(device)
+        return (time.perf_counter() - start) * 1000
+
     def timed(after_step=None):
-        times = []
-        for _ in range(steps):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            step()
-            if after_step is not None:
-                after_step()
-            common.sync(device)
-            times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
+        return statistics.median(timed_one(after_step) for _ in range(steps))
 
     step()  # warm-up: optimizer state, offload pool, kernel compilation
     common.sync(device)
@@ -217,12 +221,23 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None)
     if overhead is None:
         accuracy.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
         return
-    after_ms = timed()  # unprofiled again: drift (clocks, pools warming up) shows as a gap between the two
-    plain_ms = (before_ms + after_ms) / 2
+    # Step times drift by several percent between blocks of steps (clocks, host jitter): far more than the
+    # profiler costs. So the overhead is measured in pairs, an unprofiled step then a profiled one, the profiler
+    # attached only around its step (attaching counts the weights again: that cost is outside the timing), and
+    # read as the median of the pairs' ratios, which drift shared by both steps of a pair does not move.
+    paired = MemoryProfiler(cpu_mode="exact" if device.type == "cpu" else "saved", live=False)
+    pairs = []
+    for _ in range(steps):
+        plain = timed_one()
+        paired.attach(model, optimizer)
+        pairs.append((plain, timed_one(paired.step)))
+        paired.detach()
+    plain_ms = statistics.median(p for p, _ in pairs)
     overhead.add("unprofiled", name, "step_time_ms", round(plain_ms, 2), "ms")
-    overhead.add("unprofiled", name, "drift_fraction", round(after_ms / before_ms - 1, 4), "fraction")
-    overhead.add("profiled", name, "step_time_ms", round(profiled_ms, 2), "ms")
-    overhead.add("profiler", name, "overhead_fraction", round(profiled_ms / plain_ms - 1, 4), "fraction")
+    overhead.add("unprofiled", name, "drift_fraction", round(plain_ms / before_ms - 1, 4), "fraction")
+    overhead.add("profiled", name, "step_time_ms", round(statistics.median(q for _, q in pairs), 2), "ms")
+    overhead.add("profiler", name, "overhead_fraction",
+                 round(statistics.median(q / p for p, q in pairs) - 1, 4), "fraction")
 
 
 if __name__ == "__main__":

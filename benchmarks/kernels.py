@@ -5,7 +5,7 @@ Sizes are Llama-3.1-8B's: hidden 4096, intermediate 14336, vocab 128256, 32 quer
 
   slothbook     slothbook.kernels
   slothbook-*   slothbook's kernels with another launch shape, to A/B the default in the same run (VARIANTS):
-                rms_norm backward: -2sm / -4sm (2 or 4 persistent programs per SM), -16w (16 warps a program),
+                rms_norm backward: -1sm / -4sm (1 or 4 persistent programs per SM; the default is 2), -16w (16 warps),
                 -torchsum (dW partials summed by torch.sum + a cast instead of one Triton kernel);
                 rope: -8w (8 warps), -2tok / -4tok (2 or 4 tokens per program)
   torch         the eager formulation a Hugging Face model runs (HF RMSNorm, rotate_half RoPE, act(gate) * up,
@@ -52,7 +52,7 @@ Each kernel runs in its own worker process (a crash or a CUDA error loses one ke
 contender's failure is recorded as an "error" row.
 
   python benchmarks/kernels.py                       # everything (meant to take about 4 minutes on an H100)
-  python benchmarks/kernels.py --kernels rms_norm rope --contenders slothbook slothbook-2sm liger compile
+  python benchmarks/kernels.py --kernels rms_norm rope --contenders slothbook slothbook-1sm liger compile
   python benchmarks/kernels.py --kernels rope swiglu --contenders slothbook liger --append
   python benchmarks/kernels.py --tiny                # CPU smoke test: tiny shapes, Triton interpreter
 """
@@ -86,7 +86,7 @@ KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear
 # Launch-shape variants of slothbook's kernels (keyword arguments of the kernel functions), per kernel.
 VARIANTS = {
     "rms_norm": {
-        "slothbook-2sm": dict(programs_per_sm=2),
+        "slothbook-1sm": dict(programs_per_sm=1),
         "slothbook-4sm": dict(programs_per_sm=4),
         "slothbook-16w": dict(num_warps=16),
         "slothbook-torchsum": dict(dw_reduction="torch"),

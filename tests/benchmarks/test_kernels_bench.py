@@ -89,7 +89,7 @@ def test_slothbook_matches_the_fp32_reference(tiny):
     assert [r["value"] for r in _rows(doc, metric="bitwise_equal_bitsandbytes")] == [1.0]
 
 
-VARIANTS = {"rms_norm": ("slothbook-2sm", "slothbook-4sm", "slothbook-16w", "slothbook-torchsum"),
+VARIANTS = {"rms_norm": ("slothbook-1sm", "slothbook-4sm", "slothbook-16w", "slothbook-torchsum"),
             "rope": ("slothbook-8w", "slothbook-2tok", "slothbook-4tok")}
 
 
@@ -189,6 +189,7 @@ def test_run_worker_keeps_the_last_result_and_reports_a_crash():
 def test_graph_timer_times_a_backward_and_refuses_a_host_sync():
     spec = importlib.util.spec_from_file_location("slothbook_benchmarks_kernels", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes (python 3.12)
     spec.loader.exec_module(bench)
     device = torch.device("cuda")
     timer = bench.GraphTimer(device)

@@ -123,10 +123,10 @@ def test_partial_sums_reduce_every_column_exactly(n_partials, hidden, dtype, dev
 
 
 def test_backward_schedule_tiles_short_rows():
-    assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=8)
+    assert backward_schedule(4096) == BackwardSchedule(programs_per_sm=2, block_rows=1, num_warps=8)
     assert backward_schedule(576).block_rows == 4  # 1024 padded columns x 4 rows
-    assert backward_schedule(8192) == BackwardSchedule(programs_per_sm=1, block_rows=1, num_warps=16)
-    assert backward_schedule(4096, programs_per_sm=2, num_warps=16) == BackwardSchedule(2, 1, 16)
+    assert backward_schedule(8192) == BackwardSchedule(programs_per_sm=2, block_rows=1, num_warps=16)
+    assert backward_schedule(4096, programs_per_sm=1, num_warps=16) == BackwardSchedule(1, 1, 16)
     with pytest.raises(ConfigError):
         backward_schedule(64, block_rows=3)
     with pytest.raises(ConfigError):
