@@ -11,7 +11,11 @@ _OFFLOAD_MARK = "_slothbook_checkpoint"  # train/offload.py's patch key on each 
 
 def checkpointing_of(model: nn.Module, device_type: str) -> str:
     if any(_OFFLOAD_MARK in m.__dict__ for m in model.modules()):
-        return "offload" if device_type == "cuda" else "plain"  # on the CPU the offload wrapper checkpoints plainly
+        if device_type != "cuda":
+            return "plain"  # on the CPU the offload wrapper checkpoints plainly
+        from ..train.offload import keep_plan
+
+        return "auto" if keep_plan(model) is not None else "offload"
     from transformers import PreTrainedModel
 
     for m in model.modules():

@@ -205,7 +205,7 @@ def fsdp2_config(layer_class: str, num_processes: int = 2, mixed_precision: str 
     Every `layer_class` (the decoder layer, e.g. "LlamaDecoderLayer") is one FSDP unit; Trainer adds the LoRA
     layers as units of their own (peft's wrap policy). FULL_SHARD (reshard after forward), full state dict on
     saving, so the adapter saved from a sharded run is an ordinary one. Keep activation_checkpointing False with
-    slothbook's checkpointing (use_gradient_checkpointing=True or "slothbook" does it already).
+    slothbook's checkpointing (use_gradient_checkpointing=True, "auto" or "slothbook" does it already).
     """
     if not layer_class or not layer_class.isidentifier():
         raise ConfigError(f"layer_class must be a class name such as LlamaDecoderLayer, got {layer_class!r}.")

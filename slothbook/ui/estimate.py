@@ -50,8 +50,9 @@ def plan(model: str, seq_len: int, batch_size: int = 1, r: int = 16, load_in_4bi
          offload: bool = True, target: Target | None = None, optimizer: str = "adamw") -> Estimate:
     """The estimator's prediction for one configuration on `target` (default: this machine's current device)."""
     target = target or resolve_target()
-    # On the CPU there is nowhere to offload to: the offloading wrapper checkpoints plainly.
-    checkpointing = "plain" if offload and target.cpu else ("offload" if offload else "plain")
+    # On the CPU there is nowhere to offload to: both modes checkpoint plainly. On a GPU the unchecked box
+    # trains with "auto" (keep the activations that fit, offload the rest).
+    checkpointing = "plain" if target.cpu else ("offload" if offload else "auto")
     return estimate(model, seq_len=seq_len, batch_size=batch_size, r=r, load_in_4bit=load_in_4bit,
                     checkpointing=checkpointing, optimizer=optimizer, dtype=target.dtype, gpu_memory=target.budget,
                     implementation=target.implementation, device="cpu" if target.cpu else "cuda")
