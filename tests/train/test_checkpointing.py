@@ -6,12 +6,7 @@ import torch
 
 from slothbook import FastLanguageModel
 from slothbook.train.checkpointing import set_gradient_checkpointing
-
-
-def _lora_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    model(input_ids=ids, labels=ids).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+from lora_steps import lora_grads
 
 
 def test_modes_switch_and_agree():
@@ -24,14 +19,14 @@ def test_modes_switch_and_agree():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.02)  # so lora_A gets a gradient too
     ids = torch.randint(3, len(tok), (2, 16))
-    offloaded = _lora_grads(model, ids)
+    offloaded = lora_grads(model, ids)[1]
 
     set_gradient_checkpointing(model, True)
     assert "forward" not in vars(layer)
-    plain = _lora_grads(model, ids)
+    plain = lora_grads(model, ids)[1]
 
     set_gradient_checkpointing(model, False)
-    none = _lora_grads(model, ids)
+    none = lora_grads(model, ids)[1]
     for name in offloaded:
         assert torch.equal(offloaded[name], plain[name]), name
         torch.testing.assert_close(offloaded[name], none[name], rtol=1e-5, atol=1e-7)

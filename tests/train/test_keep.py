@@ -16,6 +16,7 @@ from slothbook.train.checkpointing import set_gradient_checkpointing
 from slothbook.train.keep import KeepPlan, recipe_of
 from slothbook.train.offload import (disable_offloaded_checkpointing, enable_offloaded_checkpointing, find_decoder_layers,
                                      keep_plan)
+from lora_steps import lora_grads
 
 LAYERS = 30
 BATCH, SEQ = 2, 16
@@ -36,13 +37,6 @@ def model():
 @pytest.fixture
 def ids(model):
     return torch.randint(3, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-
-
-def lora_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def mlp_calls(model, ids):

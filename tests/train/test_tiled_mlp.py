@@ -9,6 +9,7 @@ from slothbook.errors import ConfigError
 from slothbook.models.embedded import embedded_model_dir
 from slothbook.train.offload import disable_offloaded_checkpointing, enable_offloaded_checkpointing, find_decoder_layers
 from slothbook.train.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
+from lora_steps import lora_grads
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -28,13 +29,6 @@ def model():
 @pytest.fixture
 def ids(model):
     return torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def lora_grads(model, ids):
-    model.zero_grad(set_to_none=True)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def close(got, expected):
