@@ -48,10 +48,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def atomic_file(final: str | os.PathLike):
     """Yield a temporary file path beside `final`; on success it is renamed to `final`, else removed."""
     final = Path(final).expanduser()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.partial-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _empty_file_beside(final, "partial")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -63,11 +60,16 @@ def atomic_file(final: str | os.PathLike):
 @contextlib.contextmanager
 def scratch_file(near: str | os.PathLike):
     """Yield a temporary file path beside `near` that is always removed afterwards (an intermediate)."""
-    near = Path(near).expanduser()
-    near.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{near.name}.scratch-", dir=near.parent)
-    os.close(fd)
+    tmp = _empty_file_beside(Path(near).expanduser(), "scratch")
     try:
-        yield Path(name)
+        yield tmp
     finally:
-        Path(name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+def _empty_file_beside(path: Path, kind: str) -> Path:
+    """A new empty hidden file in `path`'s folder (made if missing), named after `path` and `kind`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{kind}-", dir=path.parent)
+    os.close(fd)
+    return Path(name)
