@@ -36,6 +36,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                 prof.step()
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"own": run_peak(prof), "gathered": gather_peaks(prof)}, f)
+        # Both ranks tear down together: rank 0 hosts the store, and leaving while rank 1 still talks to it
+        # aborted rank 0's gloo threads once in a CI run ("terminate called without an active exception").
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 

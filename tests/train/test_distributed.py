@@ -102,6 +102,7 @@ def train(out, scale=1):
     dist.all_gather_object(value, dist.get_rank() * scale)
     with open(os.path.join(out, f"rank{dist.get_rank()}.txt"), "w") as f:
         f.write(f"{os.environ['WORLD_SIZE']} {training_device()} {is_main_process()} {value}")
+    dist.barrier()  # leave together: rank 0 hosts the store the other rank still uses
     dist.destroy_process_group()
 
 slothbook.launch(train, sys.argv[1], num_gpus=2, cpu=True, port=int(sys.argv[2]), scale=10)
