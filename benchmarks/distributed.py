@@ -170,6 +170,9 @@ def rank_worker(spec: dict) -> None:
             rec.add("slothbook", label, "first_loss", everyone[0]["first_loss"], "nats")
         common.emit(result)
     if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while another still talks to it can abort the other (seen in
+        # CI: the x2 launch exited non-zero after its rows were out).
+        dist.barrier()
         dist.destroy_process_group()
 
 

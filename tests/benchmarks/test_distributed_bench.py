@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
     done = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out)], cwd=out.parent, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(out.read_text())
+    return dict(json.loads(out.read_text()), stderr=done.stderr)
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_schema_and_no_error_rows(tiny):
     assert "--tiny" in tiny["command"] and tiny["device"].startswith("cpu")
     for r in tiny["rows"]:
         assert set(r) == FIELDS and r["benchmark"] == "distributed", r
-        assert r["metric"] != "error", r
+        assert r["metric"] != "error", f"{r['config']}: {r['value']}\n{tiny['stderr'][-3000:]}"
         assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), r
 
 
