@@ -301,7 +301,7 @@ def calibrate(ctx) -> dict:
     ctx.current("device", config)
     with ctx.rec.guard("device", config, ctx.device):
         found["matmul_flops_per_s"] = common.matmul_rate(ctx.device, n, **ctx.bench)
-        ctx.rec.add("device", config, "tflops", round(found["matmul_flops_per_s"] / 1e12, 1), "TFLOP/s")
+        ctx.rec.add("device", config, "tflops", float(f"{found['matmul_flops_per_s'] / 1e12:.3g}"), "TFLOP/s")
     common.free_memory(ctx.device)
     return found
 

@@ -367,7 +367,8 @@ def prepare(spec: dict, device, rec, result) -> None:
         current(result, "device", config)
         with rec.guard("device", config, device):
             result["calibration"] = common.matmul_rate(device, n)
-            rec.add("device", config, "tflops", round(result["calibration"] / 1e12, 1), "TFLOP/s")
+            # Three significant digits: a loaded CPU runs the tiny calibration at ~0.01 TFLOP/s, which one decimal rounds to 0.
+            rec.add("device", config, "tflops", float(f"{result['calibration'] / 1e12:.3g}"), "TFLOP/s")
         common.free_memory(device)
     folder = Path(spec["folder"])
     if (folder / "config.json").is_file():
