@@ -56,7 +56,7 @@ def max_logit_difference(a, b, tokenizer, exact_logits) -> float:
 
 def test_merged_16bit_matches_the_peft_model(finetuned, merged16_dir, merged16_model, exact_logits):
     """The issue's bound, 1e-4 on the logits (fp32), holds for everything the export decides: run in fp64, the
-    merged model (its weights rounded once to fp32) and the PEFT model differ by 2.7e-5 (measured). Run in fp32,
+    merged model (its weights rounded once to fp32) and the PEFT model differ by 1.4e-5 to 2.7e-5 (measured across versions). Run in fp32,
     both also carry fp32's own rounding through 30 layers on logits of size ~35 (1e-4 is ~26 fp32 steps there):
     the PEFT model alone is 5.3e-5 off its fp64 logits and moves by 6.9e-5 when run on two torch threads instead
     of one, and PEFT's own merge_and_unload (the same weights bit for bit, test above) differs from it by the same
@@ -113,7 +113,7 @@ def test_merged_16bit_from_a_4bit_base(finetuned_4bit, tmp_path, exact_logits):
         ids = _ids(finetuned_4bit.tokenizer, text)
         # The PEFT model over NF4 computes x @ dequant(W)^T + s * B(Ax) in fp32; the merged model computes
         # x @ (dequant(W) + s * BA)^T with the same exactly dequantized values: only the fp32 order of
-        # operations differs, so the fp32 tolerance above holds (measured 1.2e-4: the fp32 noise floor).
+        # operations differs, so the fp32 tolerance above holds (measured 1.06e-4 to 1.2e-4: the fp32 noise floor).
         torch.testing.assert_close(exact_logits(merged, ids), exact_logits(finetuned_4bit.model, ids),
                                    atol=3e-4, rtol=0)
 
