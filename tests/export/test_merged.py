@@ -56,8 +56,8 @@ def max_logit_difference(a, b, tokenizer, exact_logits) -> float:
 
 def test_merged_16bit_matches_the_peft_model(finetuned, merged16_dir, merged16_model, exact_logits):
     """The issue's bound, 1e-4 on the logits (fp32), holds for everything the export decides: run in fp64, the
-    merged model (its weights rounded once to fp32) and the PEFT model differ by 1.4e-5 to 2.7e-5 (measured across versions). Run in fp32,
-    both also carry fp32's own rounding through 30 layers on logits of size ~35 (1e-4 is ~26 fp32 steps there):
+    merged model (its weights rounded once to fp32) and the PEFT model differ by 1.4e-5 to 2.7e-5 (measured
+    across versions). Run in fp32, both also carry fp32's own rounding through 30 layers on logits of size ~35 (1e-4 is ~26 fp32 steps there):
     the PEFT model alone is 5.3e-5 off its fp64 logits and moves by 6.9e-5 when run on two torch threads instead
     of one, and PEFT's own merge_and_unload (the same weights bit for bit, test above) differs from it by the same
     1.1e-4 as ours. No merge can beat that noise floor, so the fp32 run gets 3e-4."""
