@@ -249,6 +249,12 @@ class Context:
         if variant is not None:
             found.update({name: variant(**kw) for name, kw in VARIANTS.get(kernel, {}).items()})
         if "compile" in self.selected:
+            # A compiled backward frees ("donates") its saved tensors as it runs, so it cannot be replayed with
+            # retain_graph=True: without donation it is captured in CUDA graphs like every other contender, instead
+            # of sending the whole direction to the events fallback.
+            functorch_config = torch._functorch.config
+            if hasattr(functorch_config, "donated_buffer"):
+                functorch_config.donated_buffer = False
             found["compile"] = torch.compile(eager)
         if liger is not None and "liger" in self.selected:
             try:
