@@ -216,6 +216,8 @@ def _attention_forward(attn: nn.Module, family: Family):
         return None
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        # transformers 5.24 renamed the layer's `past_key_values` to `cache`; the GPU image's 5.17 uses the old name.
+        cache = kwargs.pop("cache", None) if past_key_values is None else past_key_values
         shape = hidden_states.shape[:-1]
         heads = (*shape, -1, self.head_dim)
         q, k, v = (t.view(heads) for t in _qkv(self, hidden_states, family.fused_qkv))
@@ -224,8 +226,8 @@ def _attention_forward(attn: nn.Module, family: Family):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = _rope(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = _update_cache(past_key_values, k, v, self.layer_idx, cos, sin, kwargs)
+        if cache is not None:
+            k, v = _update_cache(cache, k, v, self.layer_idx, cos, sin, kwargs)
         extra = {"softcap": self.attn_logit_softcapping} if wiring.attn_softcap else {}
         attend = _attention_function(self.config._attn_implementation, eager)
         out, weights = attend(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
@@ -347,7 +349,11 @@ def _sharded(weight) -> bool:
     return _DTensor is not None and isinstance(weight, _DTensor)
 
 
+# The outputs' cache field: `cache` from transformers 5.24 on, `past_key_values` before (the GPU image's 5.17).
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def _causal_lm_output(loss, outputs, return_dict):
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    out = CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=outputs.hidden_states,
+                                 attentions=outputs.attentions, **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)})
     return out.to_tuple() if return_dict is False else out

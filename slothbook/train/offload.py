@@ -44,7 +44,7 @@ _PLAN_KEY = "_slothbook_keep_plan"  # on the decoder layers' ModuleList while "a
 _IN_KEPT_LAYER = contextvars.ContextVar("slothbook_in_kept_layer", default=False)
 _TWICE = ("A checkpointed layer was differentiated twice. Offloaded checkpointing keeps a layer's input for "
           "one backward; use use_gradient_checkpointing=True for retain_graph or higher-order gradients.")
-_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # "cache": transformers >= 5.24
 # Where causal LMs keep their decoder layers, below the model (or a PeftModel's base model).
 _LAYER_PATHS = ("model.layers", "model.language_model.layers", "language_model.model.layers",
                 "transformer.h", "gpt_neox.layers", "model.decoder.layers")
