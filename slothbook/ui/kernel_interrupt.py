@@ -5,7 +5,9 @@ ipykernel ignores SIGINT between messages: it sets SIG_IGN at start, switches to
 widget event runs, and puts the between-messages handler back afterwards. So with the Studio training and the
 kernel idle, "Interrupt kernel" would do nothing. `InterruptStops` takes that between-messages slot (outside a
 kernel: the SIGINT handler itself) and turns the signal into `GracefulStop.request()`. While a cell runs the
-kernel's KeyboardInterrupt applies as usual (`Studio.wait` turns it into the same request).
+kernel's KeyboardInterrupt applies as usual (`Studio.wait` turns it into the same request). While the kernel handles
+any other message (a widget's comm message, sent as the live figure updates), ipykernel would raise
+KeyboardInterrupt inside that handler, log it and drop it; there the stop is requested instead.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ def _kernel():
     return kernel if hasattr(kernel, "saved_sigint_handler") else None
 
 
+def _message_type(kernel) -> str | None:
+    """The type of the shell message the kernel is handling; None where this ipykernel does not say."""
+    try:
+        return kernel.get_parent("shell")["header"]["msg_type"]
+    except Exception:  # an older ipykernel, or no message yet
+        return None
+
+
 class InterruptStops:
     """While `running()`, SIGINT calls `stop.request(REASON)` and then `on_stop()`; otherwise it does what the
     handler it replaced did (in an idle kernel: nothing), and the first such signal after the run puts that
@@ -46,6 +56,7 @@ class InterruptStops:
             # ipykernel's post-message hook sets this handler; a signal.signal here would last until this cell ends.
             self._previous = self._kernel.saved_sigint_handler
             self._kernel.saved_sigint_handler = self._on_sigint
+            self._kernel.pre_handler_hook = self._pre_handler_hook
         else:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         self.installed = True
@@ -54,11 +65,21 @@ class InterruptStops:
     def uninstall(self) -> None:
         if not self.installed or threading.current_thread() is not threading.main_thread():
             return
-        if self._kernel is not None and self._kernel.saved_sigint_handler == self._on_sigint:
-            self._kernel.saved_sigint_handler = self._previous
+        if self._kernel is not None:
+            if self._kernel.saved_sigint_handler == self._on_sigint:
+                self._kernel.saved_sigint_handler = self._previous
+            if self._kernel.__dict__.get("pre_handler_hook") == self._pre_handler_hook:
+                del self._kernel.pre_handler_hook  # the class's own hook again
         if signal.getsignal(signal.SIGINT) == self._on_sigint:
             signal.signal(signal.SIGINT, self._previous)
         self.installed = False
+
+    def _pre_handler_hook(self) -> None:
+        """The kernel's hook before each message (it sets KeyboardInterrupt for the handler); during a run, a message
+        that is not a cell's keeps this SIGINT handler, so an interrupt arriving then still stops the run."""
+        type(self._kernel).pre_handler_hook(self._kernel)
+        if self.running() and _message_type(self._kernel) not in (None, "execute_request"):
+            signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.running():

@@ -1,5 +1,6 @@
 """InterruptStops outside a kernel (a script driving the Studio): SIGINT asks the stop while the job runs; after it,
-SIGINT is Ctrl-C again. The kernel's case is in test_studio.py."""
+SIGINT is Ctrl-C again. Inside a kernel: ipykernel's own message hooks around a comm message and a cell (the
+whole kernel's case, Interrupt pressed while the Studio trains, is in test_studio.py)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,50 @@ def test_off_the_main_thread_it_installs_nothing():
     worker.start()
     worker.join()
     assert installed == [False] and signal.getsignal(signal.SIGINT) is before
+
+
+class KernelHooks:
+    """ipykernel's Kernel as far as its SIGINT handling goes: its real pre/post message hooks and the parent message."""
+
+    from ipykernel.kernelbase import Kernel
+
+    pre_handler_hook = Kernel.pre_handler_hook
+    post_handler_hook = Kernel.post_handler_hook
+
+    def __init__(self):
+        self.saved_sigint_handler = signal.SIG_IGN  # what ipykernel sets between messages at start
+        self.msg_type = None
+
+    def get_parent(self, channel=None):
+        return {"header": {"msg_type": self.msg_type}}
+
+
+def test_an_interrupt_during_a_widget_message_stops_the_run_and_one_during_a_cell_interrupts_it(monkeypatch):
+    import slothbook.ui.kernel_interrupt as module
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    kernel = KernelHooks()
+    monkeypatch.setattr(module, "_kernel", lambda: kernel)
+    stop = GracefulStop()
+    interrupts = InterruptStops(stop, lambda: True)
+    try:
+        assert interrupts.install()
+        kernel.msg_type = "execute_request"  # a cell runs: Ctrl-C interrupts it, as without a run
+        kernel.pre_handler_hook()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+        kernel.post_handler_hook()
+        assert not stop.requested
+        kernel.msg_type = "comm_msg"  # ipykernel alone would raise KeyboardInterrupt here, log it and drop it
+        kernel.pre_handler_hook()
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+        except KeyboardInterrupt:
+            pytest.fail("the interrupt became a KeyboardInterrupt in the comm handler, where ipykernel drops it")
+        kernel.post_handler_hook()
+        assert stop.requested and stop.reason == REASON
+        interrupts.uninstall()
+        assert "pre_handler_hook" not in vars(kernel) and kernel.saved_sigint_handler is signal.SIG_IGN
+    finally:
+        interrupts.uninstall()
+        signal.signal(signal.SIGINT, before)
