@@ -46,6 +46,7 @@ class InterruptStops:
         self.stop, self.running, self.on_stop = stop, running, on_stop
         self._kernel = None
         self._previous = None
+        self._kernel_pre_hook = None
         self.installed = False
 
     def install(self) -> bool:
@@ -56,6 +57,7 @@ class InterruptStops:
             # ipykernel's post-message hook sets this handler; a signal.signal here would last until this cell ends.
             self._previous = self._kernel.saved_sigint_handler
             self._kernel.saved_sigint_handler = self._on_sigint
+            self._kernel_pre_hook = self._kernel.pre_handler_hook  # the kernel's own, or one set on it before us
             self._kernel.pre_handler_hook = self._pre_handler_hook
         else:
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -69,7 +71,9 @@ class InterruptStops:
             if self._kernel.saved_sigint_handler == self._on_sigint:
                 self._kernel.saved_sigint_handler = self._previous
             if self._kernel.__dict__.get("pre_handler_hook") == self._pre_handler_hook:
-                del self._kernel.pre_handler_hook  # the class's own hook again
+                del self._kernel.pre_handler_hook
+                if self._kernel.pre_handler_hook != self._kernel_pre_hook:  # one was set on the instance before us
+                    self._kernel.pre_handler_hook = self._kernel_pre_hook
         if signal.getsignal(signal.SIGINT) == self._on_sigint:
             signal.signal(signal.SIGINT, self._previous)
         self.installed = False
@@ -77,7 +81,7 @@ class InterruptStops:
     def _pre_handler_hook(self) -> None:
         """The kernel's hook before each message (it sets KeyboardInterrupt for the handler); during a run, a message
         that is not a cell's keeps this SIGINT handler, so an interrupt arriving then still stops the run."""
-        type(self._kernel).pre_handler_hook(self._kernel)
+        self._kernel_pre_hook()
         if self.running() and _message_type(self._kernel) not in (None, "execute_request"):
             signal.signal(signal.SIGINT, self._on_sigint)
 
