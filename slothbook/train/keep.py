@@ -58,9 +58,16 @@ def layers_to_keep(recipe: Recipe, a: int, n_tokens: int, room: int) -> int:
 
 def free_device_bytes(device: torch.device) -> int:
     """Bytes a new allocation on `device` can get: the driver's free memory and the caching allocator's unused
-    reserve. Neither call synchronises the device."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    reserve, within the process's share when `torch.cuda.set_per_process_memory_fraction` set one. None of the
+    calls synchronises the device."""
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats_as_nested_dict(device)
+    reserved = stats["reserved_bytes"]["all"]["current"]
+    allocated = stats["allocated_bytes"]["all"]["current"]
+    share = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.6
+    if share is not None:
+        free = min(free, int(share(device) * total) - reserved)
+    return max(0, free) + reserved - allocated
 
 
 def check_budget(memory_budget) -> None:

@@ -283,3 +283,26 @@ def test_cuda_auto_keeps_every_layer_when_it_fits_and_offloads_under_a_small_bud
     # 28 of 30 layers offloaded: most of the kept run's activations are gone.
     assert small_peak < kept_peak - (n_layers - 4) * per_layer // 2, (small_peak, kept_peak, per_layer)
 
+
+
+@pytest.mark.gpu
+def test_cuda_free_bytes_respect_the_process_memory_fraction():
+    from slothbook.train.keep import free_device_bytes
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.mem_get_info(device)[1]  # the allocator's fraction is of this (the properties' is less)
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # something allocated, to be subtracted
+    uncapped = free_device_bytes(device)
+    torch.cuda.set_per_process_memory_fraction(0.25, device)
+    try:
+        capped = free_device_bytes(device)
+        room = int(0.25 * total) - torch.cuda.memory_allocated(device)
+        assert capped < uncapped
+        assert abs(capped - room) <= 64 * 2**20, (capped, room)  # the allocator's unused reserve counts as room
+        # what it reports is what the allocator grants: a tensor of that size less a margin fits
+        block = torch.empty(capped - 128 * 2**20, dtype=torch.uint8, device=device)
+        del block
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        del held
+        torch.cuda.empty_cache()
