@@ -78,7 +78,8 @@ def main(argv=None) -> None:
                         time_seq=args.time_seq, memory_seq=args.memory_seq, search_start=args.search_start,
                         search_step=args.search_step, max_seq=args.max_seq, steps=args.steps,
                         check_seqs=sorted(args.check_seqs),
-                        chunk_tokens=args.chunk_tokens, workdir=args.workdir, budget_s=left - 20)
+                        chunk_tokens=args.chunk_tokens, workdir=args.workdir, budget_s=left - 20,
+                        gpu_memory_gib=args.gpu_memory_gib)
             result = run_worker(spec, timeout=left)
             rows += result.get("rows", [])
             notes += result.get("notes", [])
@@ -101,6 +102,9 @@ def parse_args(argv):
     p.add_argument("--search-step", type=int, default=4096)
     p.add_argument("--max-seq", type=int, default=131072)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    p.add_argument("--gpu-memory-gib", type=float, default=None,
+                   help="let the caching allocator hold at most this much (an H200 standing in for an 80 GB H100: "
+                        "79.19, the total an H100 80GB HBM3's out-of-memory errors report)")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="slothbook tiled-MLP chunk")
     p.add_argument("--budget-s", type=float, default=540,
                    help="wall-clock budget for the whole run (default: fits one 10-minute device command)")
@@ -232,6 +236,11 @@ def worker(spec: dict) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if spec.get("gpu_memory_gib") and device.type == "cuda":
+        # A larger GPU stands in for a smaller one: the caching allocator refuses to hold more than this.
+        total = torch.cuda.mem_get_info(device)[1]  # what the fraction is of (the properties report less)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_memory_gib"] * GIB / total), device)
+        result["device"] += f" capped at {spec['gpu_memory_gib']:g} GiB"
     try:
         run = SETUPS[contender](spec, device, notes)
     except Exception as exc:
