@@ -24,7 +24,11 @@ Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
                       past --overhead-max-seq, the profiled step's step_time_ms
   profiler_overhead   step_time_ms (unprofiled / profiled: medians over the pairs), overhead_fraction (median
                       of the pairs' profiled / unprofiled, less 1) and drift_fraction (the pairs' unprofiled
-                      median over the first unprofiled block's, less 1: the drift the pairing cancels)
+                      median over the first unprofiled block's, less 1: the drift the pairing cancels); the
+                      pairs alternate their order, and "control" pairs two unprofiled steps the same way (the
+                      noise floor); host_ms_per_step: time spent in the profiler's own hooks (host_fraction:
+                      over the unprofiled step time; host_ms_by_call: split by hook); with --trace,
+                      extra_calls: runtime calls and ops a profiled step adds (torch.profiler, one step each)
 
   python benchmarks/estimator_accuracy.py --steps 2 --budget-s 330 --append   # the whole grid, ~4 min on an H100
   python benchmarks/estimator_accuracy.py --configs qlora --seqs 2048 8192 --append    # one piece
@@ -79,7 +83,7 @@ def main(argv=None) -> None:
             continue
         share = left / (len(args.configs) - i)  # an even share, so the last config is not starved
         spec = dict(config=config, tiny=args.tiny, seqs=args.seqs, modes=args.modes, steps=args.steps,
-                    overhead_max_seq=args.overhead_max_seq, budget_s=share - 20)
+                    overhead_max_seq=args.overhead_max_seq, trace=args.trace, budget_s=share - 20)
         result, failure = common.run_worker([sys.executable, str(Path(__file__).resolve()), "--worker",
                                              json.dumps(spec)], timeout=share)
         rows += result.get("rows", [])
@@ -99,6 +103,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step, per contender")
     p.add_argument("--overhead-max-seq", type=int, default=8192,
                    help="longer sequences get one profiled step and no overhead rows")
+    p.add_argument("--trace", action="store_true",
+                   help="also record the runtime calls and ops a profiled step adds (torch.profiler, one step each)")
     p.add_argument("--budget-s", type=float, default=540, help="wall-clock budget (one 10-minute device command)")
     p.add_argument("--out", default=None)
     p.add_argument("--append", action="store_true", help="merge into an existing results file")
@@ -149,13 +155,13 @@ def worker(spec: dict) -> None:
                 continue
             with accuracy.guard("measured", name, device):
                 measure(model, optimizer, seq, spec["steps"], device, name, accuracy,
-                        overhead if seq <= spec["overhead_max_seq"] else None)
+                        overhead if seq <= spec["overhead_max_seq"] else None, trace=spec.get("trace", False))
             optimizer.zero_grad(set_to_none=True)
             common.free_memory(device)
     common.emit(result)
 
 
-def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None) -> None:
+def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None, trace=False) -> None:
     """Estimate against the profiled peak; with an `overhead` recorder also the profiler's cost in step time."""
     import torch
 
@@ -225,19 +231,93 @@ def measure(model, optimizer, seq, steps, device, name, accuracy, overhead=None)
     # profiler costs. So the overhead is measured in pairs, an unprofiled step then a profiled one, the profiler
     # attached only around its step (attaching counts the weights again: that cost is outside the timing), and
     # read as the median of the pairs' ratios, which drift shared by both steps of a pair does not move.
+    # The order inside a pair alternates (AB, BA, ...) so that a cost the second step of a pair always pays
+    # does not land on the profiled one; unprofiled pairs in the same pattern give the noise floor (control).
     paired = MemoryProfiler(cpu_mode="exact" if device.type == "cpu" else "saved", live=False)
-    pairs = []
-    for _ in range(steps):
-        plain = timed_one()
+    clock = HostClock(paired)
+
+    def profiled_one() -> float:
         paired.attach(model, optimizer)
-        pairs.append((plain, timed_one(paired.step)))
+        ms = timed_one(paired.step)
         paired.detach()
+        return ms
+
+    pairs, control = [], []
+    for i in range(steps):
+        first_plain = i % 2 == 0
+        a = timed_one() if first_plain else profiled_one()
+        b = profiled_one() if first_plain else timed_one()
+        pairs.append((a, b) if first_plain else (b, a))
+        c, d = timed_one(), timed_one()
+        control.append((c, d) if first_plain else (d, c))  # mirrored like the pair, two unprofiled steps
     plain_ms = statistics.median(p for p, _ in pairs)
     overhead.add("unprofiled", name, "step_time_ms", round(plain_ms, 2), "ms")
     overhead.add("unprofiled", name, "drift_fraction", round(plain_ms / before_ms - 1, 4), "fraction")
     overhead.add("profiled", name, "step_time_ms", round(statistics.median(q for _, q in pairs), 2), "ms")
     overhead.add("profiler", name, "overhead_fraction",
                  round(statistics.median(q / p for p, q in pairs) - 1, 4), "fraction")
+    overhead.add("control", name, "overhead_fraction",
+                 round(statistics.median(q / p for p, q in control) - 1, 4), "fraction")
+    overhead.add("profiler", name, "host_ms_per_step", round(clock.seconds * 1000 / steps, 3), "ms")
+    overhead.add("profiler", name, "host_fraction", round(clock.seconds * 1000 / steps / plain_ms, 4), "fraction")
+    overhead.add("profiler", name, "host_ms_by_call", clock.split(steps), "text")
+    if trace:
+        overhead.add("profiler", name, "extra_calls", runtime_call_difference(timed_one, profiled_one, device), "text")
+
+
+class HostClock:
+    """Host time spent inside the profiler's hooks and step calls (nested calls counted once)."""
+
+    METHODS = ("_on_forward_begin", "_on_forward_end", "_on_backward_begin", "mark", "begin_step", "end_step",
+               "step")
+
+    def __init__(self, profiler):
+        self.seconds = 0.0
+        self.by_method: dict[str, float] = {}  # outermost calls only, by the method called
+        self._depth = 0
+        for method in self.METHODS:  # instance attributes: attach() registers these wrappers as the hooks
+            setattr(profiler, method, self._timed(method, getattr(profiler, method)))
+
+    def _timed(self, method, fn):
+        def wrapper(*args, **kwargs):
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    spent = time.perf_counter() - start
+                    self.seconds += spent
+                    self.by_method[method] = self.by_method.get(method, 0.0) + spent
+        return wrapper
+
+    def split(self, steps: int) -> str:
+        return "; ".join(f"{m} {s * 1000 / steps:.3f} ms" for m, s in sorted(self.by_method.items(),
+                                                                              key=lambda kv: -kv[1]))
+
+
+def runtime_call_difference(plain, profiled, device) -> str:
+    """CUDA runtime / driver calls and ops whose count differs between a profiled and an unprofiled step
+    (one step of each under torch.profiler), with the host time they add: where a synchronisation or an
+    allocation would hide. "name +calls (+ms); ...", largest host time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+    def calls(run) -> dict:
+        run()  # CUPTI's start-up cost falls outside the recorded step
+        with profile(activities=activities) as prof:
+            run()
+        return {e.key: (e.count, e.cpu_time_total / 1000) for e in prof.key_averages()}
+
+    before, after = calls(plain), calls(profiled)
+    extra = []
+    for key in set(before) | set(after):
+        (n0, t0), (n1, t1) = before.get(key, (0, 0.0)), after.get(key, (0, 0.0))
+        if n1 != n0:
+            extra.append((t1 - t0, f"{key} {n1 - n0:+d} ({t1 - t0:+.2f} ms)"))
+    return "; ".join(text for _, text in sorted(extra, reverse=True)) or "none"
 
 
 if __name__ == "__main__":

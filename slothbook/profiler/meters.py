@@ -1,12 +1,15 @@
 """Where the totals come from: CUDA's allocator counters, or the process and a tensor counter on the CPU.
 
-A meter answers four questions, all without a device synchronisation: how many bytes tensors hold now
-(`allocated`, None where nothing knows), the most they held since `reset_peak` (`peak`), how much the device
-or process holds in all (`held`: CUDA's reserved pool, the CPU process's resident memory) and how much the
-device has (`capacity`). `activations` is what the meter attributes to activations beyond the named tensors.
+A meter's `read()` answers three questions at once, without a device synchronisation: how many bytes tensors
+hold now (`allocated`, None where nothing knows), the most they held since `reset_peak` (`peak`, likewise) and
+how much the device or process holds in all (`held`: CUDA's reserved pool, the CPU process's resident memory).
+`capacity` is how much the device has; `activations` is what the meter attributes to activations beyond the
+named tensors.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +17,12 @@ from ..errors import ConfigError
 from .cpu import AllocationTracker, SavedTensorCounter
 
 CPU_MODES = ("saved", "exact")
+
+
+class Reading(NamedTuple):
+    allocated: int | None
+    peak: int | None
+    held: int
 
 
 class CudaMeter:
@@ -25,21 +34,19 @@ class CudaMeter:
         self.capacity = props.total_memory
         self.name = f"{device} ({props.name})"
 
-    def allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device)
-
-    def peak(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device)
+    def read(self) -> Reading:
+        # One call for all three: torch.cuda.memory_allocated & co. each build and flatten the allocator's whole
+        # statistics dict, which costs host time inside a launch-bound step.
+        stats = torch.cuda.memory_stats_as_nested_dict(self.device)
+        allocated = stats["allocated_bytes"]["all"]
+        return Reading(allocated["current"], allocated["peak"], stats["reserved_bytes"]["all"]["current"])
 
     def reset_peak(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)
 
-    def held(self) -> int:
-        return torch.cuda.memory_reserved(self.device)
-
-    def activations(self, named: int) -> int:
+    def activations(self, named: int, reading: Reading) -> int:
         # The allocator's figure less every tensor we can name: what forward/backward keeps alive.
-        return max(0, self.allocated() - named)
+        return max(0, reading.allocated - named)
 
     # The forward needs nothing from a CUDA meter: the allocator sees every tensor.
     def forward_begin(self, seed) -> None:
@@ -74,19 +81,15 @@ class CpuMeter:
         self._saved = SavedTensorCounter(skip_ptrs) if mode == "saved" else None
         self._tracker = AllocationTracker() if mode == "exact" else None
 
-    def held(self) -> int:
-        return self._process.memory_info().rss
-
-    def allocated(self) -> int | None:
-        return self._tracker.live if self._tracker is not None else None
-
-    def peak(self) -> int | None:
-        return self._tracker.peak if self._tracker is not None else None
+    def read(self) -> Reading:
+        tracker = self._tracker
+        return Reading(tracker.live if tracker else None, tracker.peak if tracker else None,
+                       self._process.memory_info().rss)
 
     def reset_peak(self) -> None:
         (self._tracker or self._saved).reset_peak()
 
-    def activations(self, named: int) -> int:
+    def activations(self, named: int, reading: Reading) -> int:
         if self._tracker is not None:
             return max(0, self._tracker.live - named)
         return self._saved.live

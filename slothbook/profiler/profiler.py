@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .meters import make_meter
-from .samples import PEAK, PHASES, PendingScalar, Sample
+from .samples import PEAK, PHASES, HostScalars, PendingScalar, Sample
 from .tensors import (
     StorageSet,
     base_tensors,
@@ -82,6 +82,7 @@ class MemoryProfiler:
         self._tokens = 0
         self._losses: list[PendingScalar] = []
         self._pending: dict[int, list[PendingScalar]] = {}
+        self._scalars = HostScalars()
         self._opt_cache = (-1, 0)
         self._step_max = 0
         self._rows_by_step: dict[int, Sample] = {}
@@ -199,7 +200,7 @@ class MemoryProfiler:
         row = self._peak_row(phases, seconds, self._tokens if tokens is None else tokens)
         self.meter.step_end()
         if loss is not None:
-            self._losses = [PendingScalar(torch.as_tensor(loss))]
+            self._losses = [self._scalars.read(torch.as_tensor(loss))]
         if self._losses:
             self._pending[self._step] = self._losses
         self.samples.append(row)
@@ -241,7 +242,7 @@ class MemoryProfiler:
         self.mark("forward")
         loss = getattr(output, "loss", None) if not isinstance(output, torch.Tensor) else output
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._losses.append(PendingScalar(loss))
+            self._losses.append(self._scalars.read(loss))
         # Whichever output the caller's loss is made from (the loss, logits, TRL's per-token log-probs), backward
         # reaches it first; a hook there queues the "after backward" sample for when the pass is done.
         pending = [False]
@@ -289,15 +290,15 @@ class MemoryProfiler:
         grads, opt = self.gradient_bytes(), self.optimizer_bytes()
         named = self.weights_bytes + self.lora_bytes + grads + opt
         offloaded = self._offloaded()
-        activations = self.meter.activations(named)
+        reading = self.meter.read()
+        activations = self.meter.activations(named, reading)
         pooled = self._pool_in_process(offloaded)
-        if pooled and self.meter.allocated() is not None:
+        if pooled and reading.allocated is not None:
             activations = max(0, activations - pooled)  # the exact tracker saw the pool's buffers too
         allocated = named + activations
-        held = max(self.meter.held() - pooled, allocated)
+        held = max(reading.held - pooled, allocated)
         self._step_max = max(self._step_max, allocated)
-        measured = self.meter.peak()
-        peak = self._step_max if measured is None else max(self._step_max, measured)
+        peak = self._step_max if reading.peak is None else max(self._step_max, reading.peak)
         return Sample(self._step, phase, time.perf_counter() - self._t0, self.weights_bytes, self.lora_bytes,
                       grads, opt, activations, offloaded, held - allocated, allocated, held, peak,
                       self.meter.capacity)
@@ -315,7 +316,7 @@ class MemoryProfiler:
         grads = max(s.gradients for s in phases)
         opt = max(s.optimizer for s in phases)
         named = self.weights_bytes + self.lora_bytes + grads + opt
-        measured = self.meter.peak()
+        measured = self.meter.read().peak
         if measured is None:
             peak = named + max(s.activations for s in phases)
         else:

@@ -64,26 +64,66 @@ SAMPLE_COLUMNS = [f.name for f in fields(Sample)] + ["tokens_per_s"]
 
 
 class PendingScalar:
-    """A loss read back to the host without waiting: a non-blocking copy to pinned memory and an event.
-    `value(wait=False)` is None until the device has got there."""
+    """A scalar on its way to the host: `value(wait=False)` is None until the device has got there."""
 
-    def __init__(self, t: torch.Tensor):
-        t = t.detach()
-        if t.device.type == "cuda":
-            self._host = torch.empty((), dtype=t.dtype, pin_memory=True)
-            self._host.copy_(t.reshape(()), non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host, self._event = t.reshape(()).clone(), None
+    def __init__(self, read, event=None):
+        self._read, self._event, self._value = read, event, None
 
     def value(self, wait: bool = False) -> float | None:
-        if self._event is not None:
-            if wait:
-                self._event.synchronize()
-            elif not self._event.query():
-                return None
-        return float(self._host)
+        if self._value is None:
+            if self._event is not None:
+                if wait:
+                    self._event.synchronize()
+                elif not self._event.query():
+                    return None
+            self._value, self._event = self._read(), None
+        return self._value
+
+
+class HostScalars:
+    """Reads scalars (the step's loss) back to the host without making the host wait for the device.
+
+    At the read, the value is copied into a slot of a small device buffer (a device-to-device copy, queued like
+    any kernel) and an event is recorded. Once the event has passed, the slot is fetched to pinned host memory
+    on a stream of its own, which waits for nothing else. A device-to-host copy queued at the read instead
+    cost the host milliseconds per step on an H200 (measured inside the forward hook), where the step itself
+    is bound by the host. Slots are reused in turn; a slot's previous value is fetched before its reuse.
+    """
+
+    def __init__(self, slots: int = 64):
+        self._slots = slots
+        self._device: torch.Tensor | None = None
+        self._host: torch.Tensor | None = None
+        self._stream = None
+        self._owners: list[PendingScalar | None] = [None] * slots
+        self._next = 0
+
+    def read(self, t: torch.Tensor) -> PendingScalar:
+        t = t.detach().reshape(())
+        if t.device.type != "cuda":
+            value = float(t)
+            return PendingScalar(lambda: value)
+        if self._device is None or self._device.device != t.device:
+            self._device = torch.empty(self._slots, dtype=torch.float32, device=t.device)
+            self._host = torch.empty(self._slots, dtype=torch.float32, pin_memory=True)
+            self._stream = torch.cuda.Stream(t.device)
+        i = self._next
+        self._next = (i + 1) % self._slots
+        if self._owners[i] is not None:
+            self._owners[i].value(wait=True)  # normally long fetched: it was read `slots` reads ago
+        self._device[i].copy_(t)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(t.device))
+        self._owners[i] = PendingScalar(lambda: self._fetch(i, event), event)
+        return self._owners[i]
+
+    def _fetch(self, i: int, event) -> float:
+        # The event has passed: the copy on our own stream waits only for itself.
+        with torch.cuda.stream(self._stream):
+            self._stream.wait_event(event)
+            self._host[i].copy_(self._device[i], non_blocking=True)
+        self._stream.synchronize()
+        return float(self._host[i])
 
 
 def format_bytes(n: float | None) -> str:
