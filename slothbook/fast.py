@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 from .export import save_pretrained_gguf, save_pretrained_merged
+from .generation import route_generate, unroute_generate
 from .models.adapters import add_lora
 from .models.embedded import EMBEDDED_ALIAS
 from .models.loader import load_model
@@ -84,8 +85,21 @@ class FastLanguageModel:
         _bind_exports(peft_model)
         return peft_model
 
-    for_inference = staticmethod(for_inference)
-    for_training = staticmethod(for_training)
+    @staticmethod
+    def for_inference(model, cuda_graphs: bool = False):
+        """Eval mode, KV cache on, left padding. cuda_graphs=True also routes `model.generate` calls it can take
+        (greedy or sampled, no beam search or processors) through decode steps replayed from CUDA graphs over a
+        static cache (slothbook.generation); other calls, and calls off CUDA, stay transformers' `generate`."""
+        for_inference(model)
+        if cuda_graphs:
+            route_generate(model)
+        return model
+
+    @staticmethod
+    def for_training(model):
+        """Train mode, KV cache off, right padding; `generate` is transformers' own again."""
+        unroute_generate(model)
+        return for_training(model)
 
 
 def _bind_exports(peft_model) -> None:

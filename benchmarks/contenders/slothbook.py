@@ -37,7 +37,8 @@ def build(job: Job):
 def build_generator(job: Job):
     from slothbook import FastLanguageModel
 
-    model = FastLanguageModel.for_inference(_load(job, {"checkpointing": False}))
+    model = FastLanguageModel.for_inference(_load(job, {"checkpointing": False}),
+                                            cuda_graphs=job.options.get("cuda_graphs", False))
     generate = generator(model)
     generate.kernels_on = kernels_on(model)
     return generate

@@ -35,3 +35,13 @@ def test_profiler_imports_nothing_above_it():
 def test_train_layer_does_not_import_the_profiler():
     for path in (PACKAGE / "train").glob("*.py"):
         assert not any(n.startswith("slothbook.profiler") for n in _imports(path)), path.name
+
+
+def test_generation_sits_beside_train_and_export():
+    # generation/ (floor 3) may use models/ and kernels/; models/ below it never imports it
+    for path in (PACKAGE / "generation").glob("*.py"):
+        for name in _imports(path):
+            parts = name.split(".")
+            assert len(parts) < 2 or parts[1] not in ABOVE + ("profiler", "train", "export"), f"{path.name}: {name}"
+    for path in (PACKAGE / "models").rglob("*.py"):
+        assert not any(n.startswith("slothbook.generation") for n in _imports(path)), path.name
