@@ -12,7 +12,7 @@ length 2048, LoRA r=16 alpha=16 on q,k,v,o,gate,up,down, AdamW (fused) on the Lo
                      the layers that fit in free GPU memory keep their activations, the rest are offloaded)
   slothbook-offload  the same with use_gradient_checkpointing="slothbook" (every layer offloaded: least memory)
   slothbook-plain    the same with use_gradient_checkpointing=True
-  slothbook-graphs   generation only: for_inference(model, cuda_graphs=True), decode steps replayed from CUDA graphs
+  slothbook-eager    generation only: for_inference(model, cuda_graphs=False) (transformers' generate, our kernels)
 
 Configs: "qlora" (NF4 base) and "lora16" (bf16 base), at batch 1 and 4 for Llama, batch 4 for the others;
 "gen": greedy generation of 128 tokens after a 128-token prompt, batch 1 and 8, on the 16-bit Llama with LoRA,

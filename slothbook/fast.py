@@ -86,10 +86,10 @@ class FastLanguageModel:
         return peft_model
 
     @staticmethod
-    def for_inference(model, cuda_graphs: bool = False):
-        """Eval mode, KV cache on, left padding. cuda_graphs=True also routes `model.generate` calls it can take
-        (greedy or sampled, no beam search or processors) through decode steps replayed from CUDA graphs over a
-        static cache (slothbook.generation); other calls, and calls off CUDA, stay transformers' `generate`."""
+    def for_inference(model, cuda_graphs: bool = True):
+        """Eval mode, KV cache on, left padding; and `model.generate` calls it can take (greedy or sampled, no beam
+        search or processors) run as decode steps replayed from CUDA graphs over a static cache
+        (slothbook.generation). Other calls, calls off CUDA and cuda_graphs=False stay transformers' `generate`."""
         for_inference(model)
         if cuda_graphs:
             route_generate(model)

@@ -17,10 +17,10 @@ CONTENDERS = {
     "slothbook": ("slothbook", {}),  # what a user gets: get_peft_model's default checkpointing ("auto")
     "slothbook-offload": ("slothbook", {"checkpointing": "slothbook"}),  # every layer offloaded: least memory
     "slothbook-plain": ("slothbook", {"checkpointing": True}),  # transformers' checkpointing, same kernels
-    "slothbook-graphs": ("slothbook", {"cuda_graphs": True}),  # for_inference(model, cuda_graphs=True)
+    "slothbook-eager": ("slothbook", {"cuda_graphs": False}),  # for_inference(model, cuda_graphs=False)
 }
-GENERATORS = ("hf", "slothbook", "slothbook-graphs", "unsloth")  # contenders with a generation path
-GENERATION_ONLY = ("slothbook-graphs",)  # trains exactly as "slothbook": no training worker of its own
+GENERATORS = ("hf", "slothbook", "slothbook-eager", "unsloth")  # contenders with a generation path
+GENERATION_ONLY = ("slothbook-eager",)  # trains exactly as "slothbook": no training worker of its own
 
 
 def module_of(contender: str):

@@ -38,7 +38,7 @@ def build_generator(job: Job):
     from slothbook import FastLanguageModel
 
     model = FastLanguageModel.for_inference(_load(job, {"checkpointing": False}),
-                                            cuda_graphs=job.options.get("cuda_graphs", False))
+                                            cuda_graphs=job.options.get("cuda_graphs", True))
     generate = generator(model)
     generate.kernels_on = kernels_on(model)
     return generate

@@ -3,12 +3,12 @@
 `graphed_generate(model, input_ids, ...)` takes the arguments most notebook calls use (max_new_tokens,
 min_new_tokens, do_sample, temperature, top_k, top_p, eos/pad token ids) and returns what transformers'
 `generate` returns for them: the prompt followed by the new tokens, finished rows padded. `supports(kwargs)`
-says whether a `generate(**kwargs)` call can take this path; `FastLanguageModel.for_inference(model,
-cuda_graphs=True)` routes the calls that can to it and leaves the others (beam search, streamers, logits
+says whether a `generate(**kwargs)` call can take this path; `FastLanguageModel.for_inference(model)` routes the
+calls that can to it (unless cuda_graphs=False) and leaves the others (beam search, streamers, logits
 processors, ...) to transformers.
 
-One `DecodeGraph` is kept per (batch size, cache length rounded up to 256), so a notebook that generates
-repeatedly captures once.
+One `DecodeGraph` is kept per (batch size, cache length rounded up to 256), the four most recently used, so a
+notebook that generates repeatedly captures once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 from .decode import DecodeGraph
 
 BUCKET = 256
+KEEP = 4  # decode graphs kept per model (batch size x cache length)
 # generate() keyword arguments this path honours; any other (with a non-default value) goes to transformers.
 HANDLED = {"input_ids", "attention_mask", "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k",
            "top_p", "eos_token_id", "pad_token_id", "use_cache"}
@@ -32,10 +33,14 @@ def supports(model, kwargs: dict) -> bool:
     ids = kwargs.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or kwargs.get("max_new_tokens") is None:
         return False
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    window = getattr(config, "sliding_window", None)
+    window = _window(model)
     # One mask serves every layer: sliding-window layers would need their own once the window is exceeded.
     return not window or ids.shape[1] + kwargs["max_new_tokens"] <= window
+
+
+def _window(model) -> int | None:
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return getattr(config, "sliding_window", None)
 
 
 def _device(model) -> torch.device:
@@ -44,9 +49,15 @@ def _device(model) -> torch.device:
 
 def _decoder(model, batch: int, length: int, graphs: bool) -> DecodeGraph:
     max_len = -(-length // BUCKET) * BUCKET
+    if _window(model):  # sliding-window layers keep a cache of at most the window: every layer the same length
+        max_len = min(max_len, _window(model))
     pool = model.__dict__.setdefault("_slothbook_decode_graphs", {})
     key = (batch, max_len, graphs)
-    if key not in pool:
+    if key in pool:
+        pool[key] = pool.pop(key)  # most recently used last
+    else:
+        while len(pool) >= KEEP:  # each holds a static cache and the graph's memory: drop the least recent
+            pool.pop(next(iter(pool)))
         try:
             pool[key] = DecodeGraph(model, batch, max_len, _device(model), graphs=graphs)
         except Exception as exc:  # a step that cannot be captured still decodes, eagerly

@@ -225,8 +225,8 @@ def test_missing_unsloth_is_an_error_row_with_the_import_message():
 
 
 def test_generation_only_contender_gets_a_generation_worker_and_no_training_one(tmp_path):
-    args = train.parse_args(["--models", "llama", "--contenders", "slothbook", "slothbook-graphs"])
+    args = train.parse_args(["--models", "llama", "--contenders", "slothbook", "slothbook-eager"])
     names = [label for _, label in train.plan(args, train.MODELS["llama"], tmp_path)]
-    assert not any(n.startswith("slothbook-graphs") and " gen " not in n for n in names), names
-    assert "slothbook-graphs gen llama-3.1-8b" in names and "slothbook gen llama-3.1-8b" in names
+    assert not any(n.startswith("slothbook-eager") and " gen " not in n for n in names), names
+    assert "slothbook-eager gen llama-3.1-8b" in names and "slothbook gen llama-3.1-8b" in names
     assert "slothbook qlora llama-3.1-8b" in names

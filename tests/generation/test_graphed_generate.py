@@ -12,6 +12,8 @@ import torch
 
 from slothbook import FastLanguageModel
 from slothbook.generation import graphed_generate, supports
+from slothbook.models.families import FAMILIES
+from slothbook.models.families.tiny import save_tiny_model
 
 PROMPTS = ["The capital of France is", "List three colours:\n1."]
 
@@ -72,18 +74,56 @@ def test_supports_only_the_calls_it_handles(model_and_batch):
     assert not supports(model, {"input_ids": ids, "max_new_tokens": 8, "use_cache": False})
 
 
-def test_for_inference_routes_generate_only_on_request_and_for_training_restores_it(model_and_batch):
+def test_for_inference_routes_generate_unless_told_not_to_and_for_training_restores_it(model_and_batch):
     model, tok, batch = model_and_batch
-    FastLanguageModel.for_inference(model, cuda_graphs=True)
-    try:
-        assert "generate" in model.__dict__
-        # on the CPU the routed call is transformers' generate: same tokens as before
-        out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-        assert out.shape == (len(PROMPTS), batch["input_ids"].shape[1] + 4)
-    finally:
-        FastLanguageModel.for_training(model)
+    assert "generate" in model.__dict__  # the fixture's for_inference: routed by default
+    # on the CPU the routed call is transformers' generate: no decode graph is made for it
+    pool = model.__dict__.setdefault("_slothbook_decode_graphs", {})
+    pool.clear()
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (len(PROMPTS), batch["input_ids"].shape[1] + 4)
+    assert not pool
+    FastLanguageModel.for_training(model)
+    assert "generate" not in model.__dict__
+    FastLanguageModel.for_inference(model, cuda_graphs=False)
     assert "generate" not in model.__dict__
     FastLanguageModel.for_inference(model)
+
+
+def test_decode_graphs_kept_per_model_are_bounded(model_and_batch):
+    from slothbook.generation.generate import KEEP, _decoder
+
+    model, _, _ = model_and_batch
+    pool = model.__dict__.setdefault("_slothbook_decode_graphs", {})
+    pool.clear()
+    first = _decoder(model, 2, 100, graphs=False)
+    for length in (300, 600, 900):
+        _decoder(model, 2, length, graphs=False)
+    assert _decoder(model, 2, 200, graphs=False) is first  # same bucket (256): reused, now the most recent
+    _decoder(model, 2, 1200, graphs=False)
+    assert len(pool) == KEEP
+    assert (2, 256, False) in pool and (2, 512, False) not in pool  # the least recently used went
+    pool.clear()
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["transformers", "kernels"])
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_decodes_like_transformers(model_type, kernels, tmp_path, embedded_tokenizer):
+    """Tiny random models of each family (q/k norms, soft-capping, sliding windows, fused projections), fp32,
+    with transformers' attention and with slothbook's patched one (Triton interpreter) writing the static cache."""
+    save_tiny_model(model_type, tmp_path, embedded_tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path), max_seq_length=64, dtype=torch.float32,
+                                                   kernels=kernels)
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False)
+    FastLanguageModel.for_inference(model)
+    ids = torch.randint(3, len(tok), (2, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = tok.pad_token_id, 0
+    args = dict(max_new_tokens=8, min_new_tokens=8, pad_token_id=tok.pad_token_id)
+    assert supports(model, {"input_ids": ids, **args})
+    with torch.inference_mode():
+        expected = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, **args)
+    assert torch.equal(graphed_generate(model, ids, mask, graphs=False, **args), expected)
 
 
 @pytest.mark.gpu
@@ -94,7 +134,7 @@ def test_gpu_graph_replay_equals_the_eager_step_and_transformers(train_model_nam
     model, tok = FastLanguageModel.from_pretrained(train_model_name, max_seq_length=256, dtype=torch.bfloat16,
                                                    load_in_4bit=load_in_4bit, kernels=kernels)
     model = FastLanguageModel.get_peft_model(model, r=8, init_lora_weights=False)
-    FastLanguageModel.for_inference(model, cuda_graphs=True)
+    FastLanguageModel.for_inference(model)  # routes generate by default
     batch = tok(PROMPTS, return_tensors="pt", padding=True).to("cuda")
     args = dict(max_new_tokens=32, min_new_tokens=32, pad_token_id=tok.pad_token_id)
     graphed = graphed_generate(model, batch["input_ids"], batch["attention_mask"], **args)
@@ -104,7 +144,7 @@ def test_gpu_graph_replay_equals_the_eager_step_and_transformers(train_model_nam
     routed = model.generate(**batch, do_sample=False, **args)  # through the route: the graphed path
     assert torch.equal(routed, graphed)
     FastLanguageModel.for_training(model)
-    FastLanguageModel.for_inference(model)
+    FastLanguageModel.for_inference(model, cuda_graphs=False)
     with torch.inference_mode():
         reference = model.generate(**batch, do_sample=False, **args)  # transformers, dynamic cache
     # bf16: a near-tie may flip a later token; the first 8 new tokens of each row agree
