@@ -30,8 +30,8 @@ def supports(model, kwargs: dict) -> bool:
     """Whether `model.generate(**kwargs)` can run on the graphed path."""
     if set(kwargs) - HANDLED or kwargs.get("use_cache") is False:
         return False
-    ids = kwargs.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or kwargs.get("max_new_tokens") is None:
+    ids, new = kwargs.get("input_ids"), kwargs.get("max_new_tokens")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(new, int) or new < 1:
         return False
     window = _window(model)
     # One mask serves every layer: sliding-window layers would need their own once the window is exceeded.
@@ -105,8 +105,9 @@ def graphed_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     eos = _token_ids(eos_token_id if eos_token_id is not None else getattr(gen_config, "eos_token_id", None))
     pad = pad_token_id if pad_token_id is not None else getattr(gen_config, "pad_token_id", None)
     pad = pad if pad is not None else (eos[0] if eos else 0)
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    device = _device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
     batch, length = input_ids.shape
     decoder = _decoder(model, batch, length + max_new_tokens, graphs)
     stop = torch.tensor(eos, device=input_ids.device) if eos else None

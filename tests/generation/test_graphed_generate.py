@@ -72,6 +72,7 @@ def test_supports_only_the_calls_it_handles(model_and_batch):
     assert not supports(model, {"input_ids": ids, "max_new_tokens": 8, "num_beams": 2})
     assert not supports(model, {"input_ids": ids})  # max_new_tokens left to the config: transformers decides
     assert not supports(model, {"input_ids": ids, "max_new_tokens": 8, "use_cache": False})
+    assert not supports(model, {"input_ids": ids, "max_new_tokens": 0})
 
 
 def test_for_inference_routes_generate_unless_told_not_to_and_for_training_restores_it(model_and_batch):
