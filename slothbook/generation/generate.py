@@ -33,9 +33,37 @@ def supports(model, kwargs: dict) -> bool:
     ids, new = kwargs.get("input_ids"), kwargs.get("max_new_tokens")
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or not isinstance(new, int) or new < 1:
         return False
+    if not _plain_config(getattr(model, "generation_config", None)):
+        return False
     window = _window(model)
     # One mask serves every layer: sliding-window layers would need their own once the window is exceeded.
     return not window or ids.shape[1] + kwargs["max_new_tokens"] <= window
+
+
+# generation-config entries this path honours or that change nothing it does; the config's other settings
+# (repetition penalty, beams, forced tokens, ...) make transformers decode differently, so such models go there.
+_CONFIG_NEUTRAL = {"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "do_sample",
+                   "temperature", "top_k", "top_p", "max_length", "max_new_tokens", "use_cache",
+                   "cache_implementation", "_from_model_config", "transformers_version"}
+_CONFIG_OFF = {"output_attentions", "output_hidden_states", "output_scores", "output_logits",
+               "return_dict_in_generate", "min_new_tokens", "min_length"}  # neutral while unset or false
+
+
+# settings at the value that changes nothing (configs often spell these out)
+_CONFIG_IDENTITY = {"repetition_penalty": 1.0, "length_penalty": 1.0, "num_beams": 1, "num_beam_groups": 1,
+                    "num_return_sequences": 1, "no_repeat_ngram_size": 0, "typical_p": 1.0, "diversity_penalty": 0.0,
+                    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "encoder_repetition_penalty": 1.0}
+
+
+def _plain_config(config) -> bool:
+    if config is None:
+        return True
+    for key, value in config.to_diff_dict().items():
+        neutral = (key in _CONFIG_NEUTRAL or (key in _CONFIG_OFF and not value)
+                   or (key in _CONFIG_IDENTITY and value == _CONFIG_IDENTITY[key]))
+        if not neutral:
+            return False
+    return True
 
 
 def _window(model) -> int | None:

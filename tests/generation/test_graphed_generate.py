@@ -73,6 +73,15 @@ def test_supports_only_the_calls_it_handles(model_and_batch):
     assert not supports(model, {"input_ids": ids})  # max_new_tokens left to the config: transformers decides
     assert not supports(model, {"input_ids": ids, "max_new_tokens": 8, "use_cache": False})
     assert not supports(model, {"input_ids": ids, "max_new_tokens": 0})
+    # a model whose generation config asks for more than this path does goes to transformers
+    before = model.generation_config.repetition_penalty
+    try:
+        model.generation_config.repetition_penalty = 1.3
+        assert not supports(model, {"input_ids": ids, "max_new_tokens": 8})
+        model.generation_config.repetition_penalty = 1.0  # spelled out at the value that changes nothing
+        assert supports(model, {"input_ids": ids, "max_new_tokens": 8})
+    finally:
+        model.generation_config.repetition_penalty = before
 
 
 def test_for_inference_routes_generate_unless_told_not_to_and_for_training_restores_it(model_and_batch):
