@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import StaticCache
 
 
 def _cache_argument(model) -> str:
@@ -38,6 +37,8 @@ class DecodeGraph:
 
     def __init__(self, model, batch: int, max_len: int, device: torch.device, graphs: bool = True):
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, device
+        from transformers import StaticCache  # on use: importing slothbook must not import transformers
+
         config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         self.cache = StaticCache(config=config, max_cache_len=max_len)
         self.cache_name = _cache_argument(model)
