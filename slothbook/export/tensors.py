@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from ..models.unwrap import base_model_of, compute_dtype  # noqa: F401  (export's users import them from here)
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,6 @@ class MergedTensor:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-def base_model_of(model) -> nn.Module:
-    """The transformers model inside a PeftModel (LoRA layers still in place), or the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def compute_dtype(model) -> torch.dtype:
-    """The dtype the model computes in: its (never quantized) input embedding's dtype."""
-    return base_model_of(model).get_input_embeddings().weight.dtype
 
 
 def merged_tensors(model) -> list[MergedTensor]:

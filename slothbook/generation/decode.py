@@ -18,18 +18,12 @@ import inspect
 
 import torch
 
+from ..models.unwrap import base_model_of, compute_dtype
+
 
 def _cache_argument(model) -> str:
     """The name the model's forward takes the KV cache under (transformers 5.24 renamed it)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.model.forward).parameters else "past_key_values"
-
-
-def _model_dtype(model) -> torch.dtype:
-    for p in model.parameters():
-        if p.dtype.is_floating_point:
-            return p.dtype
-    return torch.float32
+    return "cache" if "cache" in inspect.signature(base_model_of(model).model.forward).parameters else "past_key_values"
 
 
 class DecodeGraph:
@@ -39,10 +33,9 @@ class DecodeGraph:
         self.model, self.batch, self.max_len, self.device = model, batch, max_len, device
         from transformers import StaticCache  # on use: importing slothbook must not import transformers
 
-        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        self.cache = StaticCache(config=base_model_of(model).config, max_cache_len=max_len)
         self.cache_name = _cache_argument(model)
-        dtype = _model_dtype(model)
+        dtype = compute_dtype(model)
         self.masked = torch.finfo(dtype).min  # not -inf: a fully masked (padding) row stays finite
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)

@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from ..models.unwrap import base_model_of
 from .decode import DecodeGraph
 
 BUCKET = 256
@@ -67,8 +68,7 @@ def _plain_config(config) -> bool:
 
 
 def _window(model) -> int | None:
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    return getattr(config, "sliding_window", None)
+    return getattr(base_model_of(model).config, "sliding_window", None)
 
 
 def _device(model) -> torch.device:

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import TrainingError, UnsupportedArchitectureError
 from ..forwards import patch_forward, unpatch_forward
+from ..models.unwrap import base_model_of
 from .keep import KeepPlan
 
 _POOLS: "weakref.WeakSet[PinnedPool]" = weakref.WeakSet()
@@ -323,7 +324,7 @@ class _OffloadedLayer(torch.autograd.Function):
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The nn.ModuleList of decoder layers of a causal LM, a PeftModel around one, or a bare base model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     for path in _LAYER_PATHS:
         found = base
         for name in path.split("."):
@@ -460,7 +461,7 @@ def keep_plan(model: nn.Module) -> KeepPlan | None:
 
 
 def _config_of(model: nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model_of(model)
     config = getattr(base, "config", None)
     if config is None:
         raise UnsupportedArchitectureError(f"{type(base).__name__} has no `.config`, which use_gradient_checkpointing="
