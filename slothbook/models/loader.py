@@ -136,6 +136,9 @@ def load_model(
     if device_map is None:
         device_map = {"": training_device()}  # under torchrun / accelerate launch: this rank's own GPU
     kwargs.setdefault("attn_implementation", family.attention)
+    # transformers >= 5.25 would fetch Hugging Face Hub kernels for some layers; slothbook's own kernels take those
+    # layers (patch_model switches the hub kernels off in any case), so they are not fetched at all.
+    kwargs.setdefault("use_kernels", False)
     model = AutoModelForCausalLM.from_pretrained(
         source,
         config=config,

@@ -87,6 +87,7 @@ def patch_model(model: nn.Module, family: Family | None = None) -> dict[str, int
     counts = {"norm": 0, "attention": 0, "mlp": 0, "loss": 0}
     if wiring is None:
         return counts
+    _switch_off_hub_kernels(model)
     makers = {
         wiring.norm: ("norm", lambda m: _norm_forward(m, family.norm_offset)),
         wiring.attention: ("attention", lambda m: _attention_forward(m, family)),
@@ -102,6 +103,16 @@ def patch_model(model: nn.Module, family: Family | None = None) -> dict[str, int
             _replace_forward(module, forward)
             counts[kind] += 1
     return counts
+
+
+def _switch_off_hub_kernels(model: nn.Module) -> None:
+    """transformers >= 5.25 kernelizes a model with Hugging Face Hub kernels when the `kernels` package is installed,
+    and kernelizes it again on every train()/eval() switch, which would overwrite the forwards patched here."""
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) is True:
+            log.info("slothbook: switching transformers' hub kernels off for %s; slothbook's kernels replace them",
+                     type(module).__name__)
+            module.use_kernels = False  # restores the torch forwards (reset_kernels) and stops re-kernelizing
 
 
 def unpatch(model: nn.Module) -> int:
