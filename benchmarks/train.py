@@ -217,6 +217,9 @@ def parse_args(argv):
     p.add_argument("--profile-top", type=int, default=profile_table.TOP, help="kernels listed per profile")
     p.add_argument("--profile-steps", type=int, default=None,
                    help=f"steps profiled (default {PROFILE_STEPS}; --tiny: {TINY_SIZES['profile_steps']})")
+    p.add_argument("--host-profile", default=None, metavar="DIR",
+                   help="after each batch is timed, run its step under cProfile and write where the "
+                        "host's (Python's) time goes to DIR/<contender> <config>.txt (for host-bound configs)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke test: tiny Llama, 2 timed steps, hf and slothbook, Triton interpreter")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -304,7 +307,7 @@ def plan(args, shape: Shape, folder: Path) -> list[tuple[dict, str]]:
     batches = list(args.batches or shape.batches)
     pieces = [(dict(base, kind="train", contender=name, config=config, batches=batches, warmup=args.warmup,
                     steps=args.steps, flops_per_token=flops_per_token(shape, args.seq),
-                    profile=profile_spec(args, batches)),
+                    profile=profile_spec(args, batches), host_profile=args.host_profile),
                f"{name} {config} {shape.name}")
               for config in args.configs if config != "gen" for name in args.contenders
               if name not in contenders.GENERATION_ONLY]
@@ -457,6 +460,8 @@ def train(spec: dict, device, rec, result) -> None:
                 rec.add(name, config, "mfu", round(tokens_per_s * spec["flops_per_token"] / result["calibration"], 4),
                         "fraction")
             rec.add(name, config, "first_loss", round(first_loss, 4), "nats")
+            if spec.get("host_profile"):
+                host_profile(step, ids[-1], spec, config, device)
             if spec.get("profile") and batch in spec["profile"]["batches"]:
                 to_profile.append((config, ids[-1], statistics.median(times) * 1000))
             del ids
@@ -481,6 +486,29 @@ def profile(step, ids, timed_ms: float, spec: dict, config: str, device, rec, re
         found = profile_table.profile_steps(lambda: step(ids), device, steps=spec["profile"]["steps"],
                                             top=spec["profile"]["top"], ours=ours)
         result["profiles"].append(dict(contender=name, config=config, timed_ms=round(timed_ms, 3), **found))
+
+
+def host_profile(step, ids, spec: dict, config: str, device, steps: int = 3) -> None:
+    """cProfile over a few steps (after the timed ones): the Python functions the host spends the step in."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    common.sync(device)
+    profiler.enable()
+    for _ in range(steps):
+        step(ids)
+    common.sync(device)
+    profiler.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    print(f"{spec['contender']} {config}: {steps} steps under cProfile", file=text)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    out = Path(spec["host_profile"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{spec['contender']} {config}.txt").write_text(text.getvalue())
 
 
 def generate(spec: dict, device, rec, result) -> None:
