@@ -7,7 +7,7 @@ launches workers and writes the results never loads CUDA.
 Results file (``benchmarks/results/<name>.json``)::
 
     {"device": "NVIDIA H100 80GB HBM3", "device_details": {...}, "versions": {"torch": ...},
-     "date": "2025-01-01T12:00:00", "command": "python benchmarks/kernels.py", "rows": [...], "notes": [...]}
+     "date": "2025-01-01T12:00:00", "command": "python benchmarks/kernel_ops.py", "rows": [...], "notes": [...]}
 
 Row convention: one measurement per row, ``{"benchmark", "contender", "config", "metric", "value", "unit"}``.
 ``config`` names what was measured in words ("rms_norm fwd 8192x4096 bf16"); ``metric`` is the kind of number

@@ -38,8 +38,8 @@ if str(_HERE) not in sys.path:
 import common  # noqa: E402
 from contenders.base import ALPHA, RANK, TARGETS, training_step  # noqa: E402
 
-# Only common/contenders are wanted from this folder: libraries that probe for Hugging Face's `kernels` package
-# must not import our benchmarks/kernels.py.
+# Only common/contenders are wanted from this folder: its other scripts have generic names (train, generation)
+# that must not shadow installed modules.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 BENCHMARK = "distributed"

@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load(name: str):
-    # Loaded from their files: with benchmarks/ on sys.path, `import kernels` would find benchmarks/kernels.py.
+    # Loaded from their files under names of their own: benchmarks/ stays off sys.path, so that its scripts'
+    # generic names (train, generation) shadow no installed module.
     spec = importlib.util.spec_from_file_location(f"slothbook_benchmarks_{name}", HERE / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

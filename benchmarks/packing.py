@@ -32,7 +32,7 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 import common  # noqa: E402
 
-# This folder holds kernels.py: off sys.path again, so nothing mistakes it for the `kernels` package.
+# Off sys.path again: the scripts here have generic names (train, generation) that must not shadow installed modules.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 BENCHMARK = "packing"

@@ -58,8 +58,8 @@ import contenders  # noqa: E402
 import profile_table  # noqa: E402
 from contenders.base import RANK, Job  # noqa: E402
 
-# This folder also holds kernels.py: take it off sys.path again, so that libraries probing for the Hugging
-# Face `kernels` package do not import that script. `contenders.<name>` still imports through the package.
+# The scripts here have generic names (generation, distributed): take the folder off sys.path again, so that none
+# of them shadows an installed module. `contenders.<name>` still imports through the package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 BENCHMARK = "train"
@@ -506,6 +506,8 @@ def host_profile(step, ids, spec: dict, config: str, device, steps: int = 3) -> 
     print(f"{spec['contender']} {config}: {steps} steps under cProfile", file=text)
     stats.sort_stats("tottime").print_stats(45)
     stats.sort_stats("cumulative").print_stats(45)
+    print("Only the Python of slothbook, its kernels' launchers and the libraries it wraps:", file=text)
+    stats.sort_stats("tottime").print_stats(r"slothbook|/kernels/|peft|bitsandbytes|accelerate|checkpoint", 45)
     out = Path(spec["host_profile"])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec['contender']} {config}.txt").write_text(text.getvalue())

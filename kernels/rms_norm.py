@@ -181,7 +181,7 @@ def backward_schedule(
     Two programs per SM: timed by CUDA graph replay on an H100 at 8192x4096 bf16, 0.073 ms against 0.085 with one
     (Liger's launch) and 0.082 with four (benchmarks/results/kernels.json): a second resident program hides the
     latency of the next tile's loads that one program's prefetch alone does not.
-    Each argument given overrides its part of the choice (for tests and A/B timing in benchmarks/kernels.py).
+    Each argument given overrides its part of the choice (for tests and A/B timing in benchmarks/kernel_ops.py).
     """
     block = row_block_size(n_cols)
     block_rows = max(1, _BWD_TILE // block) if block_rows is None else block_rows

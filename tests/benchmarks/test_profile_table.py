@@ -14,7 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load():
-    # Loaded from its file: putting benchmarks/ on sys.path would let `import kernels` find kernels.py.
+    # Loaded from its file under a name of its own: benchmarks/ on sys.path would put its scripts' generic names
+    # (train, generation) in front of installed modules.
     spec = importlib.util.spec_from_file_location("slothbook_benchmarks_profile_table", BENCHMARKS / "profile_table.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -51,10 +51,10 @@ lm_head frozen (gradient for the hidden states only), as under LoRA.
 Each kernel runs in its own worker process (a crash or a CUDA error loses one kernel, not the run); any
 contender's failure is recorded as an "error" row.
 
-  python benchmarks/kernels.py                       # everything (meant to take about 4 minutes on an H100)
-  python benchmarks/kernels.py --kernels rms_norm rope --contenders slothbook slothbook-1sm liger compile
-  python benchmarks/kernels.py --kernels rope swiglu --contenders slothbook liger --append
-  python benchmarks/kernels.py --tiny                # CPU smoke test: tiny shapes, Triton interpreter
+  python benchmarks/kernel_ops.py                       # everything (meant to take about 4 minutes on an H100)
+  python benchmarks/kernel_ops.py --kernels rms_norm rope --contenders slothbook slothbook-1sm liger compile
+  python benchmarks/kernel_ops.py --kernels rope swiglu --contenders slothbook liger --append
+  python benchmarks/kernel_ops.py --tiny                # CPU smoke test: tiny shapes, Triton interpreter
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ if str(_HERE) not in sys.path:
     sys.path.insert(0, str(_HERE))
 import common  # noqa: E402
 
-# This file is named kernels.py: take its folder off sys.path again, so that libraries probing for the
-# Hugging Face `kernels` package (bitsandbytes, transformers) do not import this script instead.
+# The scripts here have generic names (train, generation, distributed): take the folder off sys.path again, so
+# that none of them shadows an installed module of that name.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 BENCHMARK = "kernels"

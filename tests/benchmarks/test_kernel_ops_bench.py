@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/kernels.py (--tiny: tiny shapes on the CPU under the Triton interpreter) and of the
+"""Smoke test of benchmarks/kernel_ops.py (--tiny: tiny shapes on the CPU under the Triton interpreter) and of the
 helpers in benchmarks/common.py. Speed is not checked here; the schema, the accuracy rows and the plumbing are."""
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPT = BENCHMARKS / "kernels.py"
+SCRIPT = BENCHMARKS / "kernel_ops.py"
 KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
            "lora_mlp_bf16", "lora_mlp_nf4")
 FIELDS = {"benchmark", "contender", "config", "metric", "value", "unit"}
 
 
 def _load_common():
-    # Loaded from its file: putting benchmarks/ on sys.path would let `import kernels` find kernels.py.
+    # Loaded from its file under a name of its own: benchmarks/ on sys.path would put its scripts' generic names
+    # (train, generation) in front of installed modules.
     spec = importlib.util.spec_from_file_location("slothbook_benchmarks_common", BENCHMARKS / "common.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
