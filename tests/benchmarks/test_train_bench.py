@@ -230,3 +230,22 @@ def test_generation_only_contender_gets_a_generation_worker_and_no_training_one(
     assert not any(n.startswith("slothbook-eager") and " gen " not in n for n in names), names
     assert "slothbook-eager gen llama-3.1-8b" in names and "slothbook gen llama-3.1-8b" in names
     assert "slothbook qlora llama-3.1-8b" in names
+
+
+def test_host_profile_writes_where_the_python_time_goes(tmp_path):
+    import torch
+
+    from slothbook.kernels import rms_norm_reference
+
+    weight = torch.ones(64)
+
+    def step(ids):  # a real (tiny) piece of slothbook's Python, so the restricted section has a row
+        return rms_norm_reference(ids.float(), weight, 1e-6).sum()
+
+    spec = {"contender": "slothbook", "host_profile": str(tmp_path / "host")}
+    train.host_profile(step, torch.randn(4, 64), spec, "qlora 2048x1 llama", torch.device("cpu"), steps=2)
+    text = (tmp_path / "host" / "slothbook qlora 2048x1 llama.txt").read_text()
+    assert text.startswith("slothbook qlora 2048x1 llama: 2 steps under cProfile")
+    assert "Ordered by: internal time" in text and "Ordered by: cumulative time" in text
+    restricted = text.split("Only the Python of slothbook")[1]
+    assert "rms_norm_reference" in restricted
