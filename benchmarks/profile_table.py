@@ -5,14 +5,17 @@ stacks: cheap) and returns a plain dict (JSON-ready; ``benchmarks/train.py --pro
 and config under the results file's ``"profiles"`` key)::
 
     {"source": "cuda" | "cpu", "steps", "wall_ms", "device_ms", "busy_ms", "busy_fraction", "kernel_names",
-     "categories": {"matmul": ms, ...}, "kernels": [{"name", "category", "calls", "ms", "share"}, ...]}
+     "categories": {"matmul": ms, ...}, "kernels": [{"name", "category", "calls", "ms", "share"}, ...],
+     "host_api": [{"name", "calls", "ms"}, ...]}
 
 Every time is per step. ``device_ms`` is the summed kernel time (kernels on parallel streams both count),
 ``busy_ms`` the time at least one kernel ran, ``busy_fraction`` = busy / wall: what is left is the GPU waiting
 on the host (launch overhead, Python, synchronisation). The wall time includes the profiler's own cost (it
 records every CPU op too): a caller that timed unprofiled steps may add their median as ``timed_ms``, which
 :func:`overview` shows beside it. ``share`` is a kernel's part of ``device_ms``;
-``categories`` splits all of ``device_ms``, not only the top kernels listed.
+``categories`` splits all of ``device_ms``, not only the top kernels listed. ``host_api`` (CUDA only) lists the
+CUDA runtime and driver calls the host made, by time: a host-bound step shows there whether launches or
+stalls (cudaMalloc/cudaFree, synchronisations) take its time.
 
 On a machine without CUDA (the smoke test) the CPU ops stand in for kernels: ``source`` is ``"cpu"``, times
 are self CPU times and ``busy_ms`` is their sum.
@@ -50,6 +53,7 @@ _PATTERNS = (
     ("matmul", re.compile(r"gemm|gemv|cutlass|cublas|xmma|nvjet|splitkreduce|^aten::(mm|addmm|bmm|baddbmm|matmul)$",
                           re.I)),
 )
+_CUDA_API = re.compile(r"^cu(da)?[A-Z]\w*$")  # cudaLaunchKernel, cudaMalloc, cuLaunchKernelEx (Triton), ...
 _ATEN = re.compile(r"at::|at_cuda_detail|cub::|c10::|^aten::|cunn_|elementwise|reduce_kernel", re.I)
 _TRITON_LIKE = re.compile(r"^(_\w+|triton_\w+)$")  # a bare identifier: how Triton names its kernels
 # Template arguments that say nothing about what a generic wrapper kernel computes.
@@ -209,12 +213,29 @@ def profile_steps(run, device, *, steps: int = 2, top: int = TOP, ours: frozense
             raise RuntimeError("torch.profiler recorded no CUDA kernels (is CUPTI missing from this torch build?)")
         records = [(e.name, e.time_range.end - e.time_range.start) for e in kernels]
         busy = busy_us((e.time_range.start, e.time_range.end) for e in kernels)
+        api = [(e.name, e.time_range.end - e.time_range.start) for e in events
+               if e.device_type == DeviceType.CPU and _CUDA_API.match(e.name)]
     else:
         ops = [e for e in events if e.device_type == DeviceType.CPU and not e.is_async]
         records = [(e.name, e.self_cpu_time_total) for e in ops]
         busy = sum(us for _, us in records)
-    return summarize(records, steps=steps, wall_ms=wall_ms, busy=busy, source="cuda" if cuda else "cpu", top=top,
-                     ours=ours)
+        api = []
+    found = summarize(records, steps=steps, wall_ms=wall_ms, busy=busy, source="cuda" if cuda else "cpu", top=top,
+                      ours=ours)
+    found["host_api"] = host_api(api, steps)
+    return found
+
+
+def host_api(records, steps: int, top: int = 8) -> list:
+    """The CUDA runtime/driver calls the host made per step, by time: launches, and the calls that stall it
+    (cudaMalloc/cudaFree of a caching-allocator miss, synchronisations, blocking copies)."""
+    calls: dict = {}
+    for name, us in records:
+        entry = calls.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us
+    ranked = sorted(calls.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"name": name, "calls": round(n / steps, 2), "ms": round(us / steps / 1000, 3)} for name, (n, us) in ranked]
 
 
 # ------------------------------------------------------------------ Markdown
@@ -246,6 +267,9 @@ def kernel_table(p: dict) -> str:
            f"| {unit} | category | calls / step | ms / step | share |", "|---|---|---|---|---|"]
     out += [f"| `{_cell(k['name'])}` | {k['category']} | {k['calls']:g} | {k['ms']:.2f} | {k['share']:.1%} |"
             for k in p["kernels"]]
+    if p.get("host_api"):
+        calls = ", ".join(f"`{c['name']}` {c['calls']:g} calls {c['ms']:.1f} ms" for c in p["host_api"])
+        out += ["", f"CUDA API calls on the host per step: {calls}."]
     return "\n".join(out)
 
 

@@ -114,6 +114,19 @@ def test_markdown_has_the_overview_and_each_profile():
     assert pt.markdown([]) == ""
 
 
+def test_host_api_calls_per_step_by_time():
+    records = [("cudaLaunchKernel", 5.0)] * 40 + [("cudaFree", 900.0), ("cudaMalloc", 300.0)] * 2
+    calls = pt.host_api(records, steps=2, top=2)
+    assert calls == [{"name": "cudaFree", "calls": 1.0, "ms": 0.9}, {"name": "cudaMalloc", "calls": 1.0, "ms": 0.3}]
+    assert pt.host_api(records, steps=2)[-1] == {"name": "cudaLaunchKernel", "calls": 20.0, "ms": 0.1}
+    assert pt._CUDA_API.match("cuLaunchKernelEx") and pt._CUDA_API.match("cudaStreamSynchronize")
+    assert not pt._CUDA_API.match("cudnn_generated_fort_native_sdpa") and not pt._CUDA_API.match("cutlass_80_gemm")
+    p = dict(pt.summarize([(XMMA, 800.0)], steps=1, wall_ms=2.0, busy=800.0, source="cuda"), host_api=calls,
+             contender="slothbook", config="qlora 2048x1")
+    assert "CUDA API calls on the host per step: `cudaFree` 1 calls 0.9 ms, `cudaMalloc` 1 calls 0.3 ms." in (
+        pt.kernel_table(p))
+
+
 def test_profile_of_a_real_cpu_training_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
@@ -133,4 +146,5 @@ def test_profile_of_a_real_cpu_training_step():
     assert len(p["kernels"]) == 5 and all(k["calls"] > 0 for k in p["kernels"])
     assert [k["ms"] for k in p["kernels"]] == sorted((k["ms"] for k in p["kernels"]), reverse=True)
     assert p["categories"]["matmul"] > 0  # addmm forward, mm backward
+    assert p["host_api"] == []  # CUDA calls only
     assert not any(k["name"].startswith("ProfilerStep") or "Optimizer.step" in k["name"] for k in p["kernels"])
