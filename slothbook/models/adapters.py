@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +79,17 @@ def add_lora(
         torch.manual_seed(random_state)
         # PEFT keeps adapter weights in fp32 over a half-precision base (autocast_adapter_dtype), which keeps
         # Adam's updates of the small A/B matrices stable.
-        return get_peft_model(model, config)
+        with _peft_on_renamed_flags():
+            return get_peft_model(model, config)
+
+
+@contextlib.contextmanager
+def _peft_on_renamed_flags():
+    """PEFT still reads `model.is_gradient_checkpointing`, which transformers >= 5.25 renamed and warns about on every
+    read: a FutureWarning in the user's notebook they can do nothing about. slothbook reads the new name itself."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_adapter_files(folder, allow_pickle: bool = False) -> None:
@@ -99,7 +111,8 @@ def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable
 
     check_adapter_files(folder, allow_pickle)
     try:
-        return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        with _peft_on_renamed_flags():
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, unknown keys, unreadable tensors
         why = " ".join(str(exc).split())[:300]
         raise CorruptFileError(f"Could not put the adapter in {folder} on the model ({type(exc).__name__}: {why}). "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel
@@ -68,3 +70,14 @@ def test_export_methods_are_bound_to_the_peft_model(tmp_path):
     out = model.save_pretrained_merged(tmp_path / "lora", tok, save_method="lora")
     assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
     assert callable(model.save_pretrained_gguf)
+
+
+def test_adding_and_loading_adapters_shows_no_future_warning(tmp_path):
+    """transformers >= 5.25 warns on PEFT's read of the renamed is_gradient_checkpointing; a user cannot act on it."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model = FastLanguageModel.get_peft_model(FastLanguageModel.from_pretrained("smollm2-135m")[0], r=4)
+        model.save_pretrained(tmp_path / "adapter")
+        FastLanguageModel.from_pretrained(str(tmp_path / "adapter"))
+    future = [str(w.message) for w in record if issubclass(w.category, FutureWarning)]
+    assert not future, future
