@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import TrainerCallback
@@ -78,7 +78,16 @@ def sft_config(args: TrainArgs, model_dtype: torch.dtype):
         # LoRA under DDP uses every trainable parameter each step: skip DDP's per-step search for unused ones.
         ddp_find_unused_parameters=False if world_size() > 1 else None,
         disable_tqdm=args.disable_tqdm,
+        **_trainer_leaves_checkpointing_alone(SFTConfig),
     )
+
+
+def _trainer_leaves_checkpointing_alone(config_cls) -> dict:
+    """The model's checkpointing is what get_peft_model(use_gradient_checkpointing=...) set; TRL defaults the
+    Trainer's flag to True, which would switch transformers' checkpointing on over it (and over an explicit False).
+    transformers >= 5.25 renamed the field (the old name warns); the GPU image's 5.17 knows only the old one."""
+    names = {f.name for f in fields(config_cls)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
 
 
 def build_trainer(model, tokenizer, dataset, args: TrainArgs, callbacks=()):
