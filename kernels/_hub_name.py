@@ -30,4 +30,6 @@ def installed_hub_kernels(package_dir: str):
     except BaseException:
         del sys.modules["kernels"]
         raise
+    if __name__ == "kernels._hub_name":  # loaded under the borrowed name: leave nothing of ours under it
+        sys.modules.pop(__name__, None)
     return module

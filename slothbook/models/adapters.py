@@ -79,12 +79,12 @@ def add_lora(
         torch.manual_seed(random_state)
         # PEFT keeps adapter weights in fp32 over a half-precision base (autocast_adapter_dtype), which keeps
         # Adam's updates of the small A/B matrices stable.
-        with _peft_on_renamed_flags():
+        with _quiet_peft_checkpointing_warning():
             return get_peft_model(model, config)
 
 
 @contextlib.contextmanager
-def _peft_on_renamed_flags():
+def _quiet_peft_checkpointing_warning():
     """PEFT still reads `model.is_gradient_checkpointing`, which transformers >= 5.25 renamed and warns about on every
     read: a FutureWarning in the user's notebook they can do nothing about. slothbook reads the new name itself."""
     with warnings.catch_warnings():
@@ -111,7 +111,7 @@ def load_lora(model: nn.Module, folder, allow_pickle: bool = False, is_trainable
 
     check_adapter_files(folder, allow_pickle)
     try:
-        with _peft_on_renamed_flags():
+        with _quiet_peft_checkpointing_warning():
             return PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatches, unknown keys, unreadable tensors
         why = " ".join(str(exc).split())[:300]

@@ -34,12 +34,13 @@ def test_top_level_name_goes_to_an_installed_kernels_package(tmp_path):
     (site / "kernels" / "props.py").write_text("CUDAProperties = 'theirs'\n")
     out = _run_in_root(
         """
-        import kernels, slothbook.kernels as ours
-        print(kernels.CUDAProperties, kernels.__name__, ours.rms_norm.__module__)
+        import sys, kernels, slothbook.kernels as ours
+        leftovers = [m for m in sys.modules if m.startswith("kernels.") and m != "kernels.props"]
+        print(kernels.CUDAProperties, kernels.__name__, ours.rms_norm.__module__, leftovers)
         """,
         extra_path=str(site),
     )
-    assert out == "theirs kernels slothbook.kernels.rms_norm"
+    assert out == "theirs kernels slothbook.kernels.rms_norm []"
 
 
 def test_nothing_is_handed_over_when_only_the_checkout_provides_the_name(monkeypatch):
