@@ -77,8 +77,9 @@ def _device(model) -> torch.device:
 
 def _decoder(model, batch: int, length: int, graphs: bool) -> DecodeGraph:
     max_len = -(-length // BUCKET) * BUCKET
-    if _window(model):  # sliding-window layers keep a cache of at most the window: every layer the same length
-        max_len = min(max_len, _window(model))
+    window = _window(model)
+    if window:  # sliding-window layers keep a cache of at most the window: every layer the same length
+        max_len = min(max_len, window)
     pool = model.__dict__.setdefault("_slothbook_decode_graphs", {})
     key = (batch, max_len, graphs)
     if key in pool:
@@ -107,8 +108,8 @@ def _choose(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: in
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        probs = ordered.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set whose mass reaches top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
