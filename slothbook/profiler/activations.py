@@ -5,10 +5,13 @@ adapters are fp32 (PEFT keeps them so over a 16-bit base), so their inputs and i
 
 The step's activation memory has three parts:
 - held: what stays alive from forward to backward. Checkpointing off: every layer's saved tensors.
-  Plain checkpointing: each layer's input. Offloaded: nothing on the device (the inputs wait in host memory).
+  Plain checkpointing: each layer's input. Offloaded: the inputs wait in host memory (on CUDA, the last one
+  stays allocated until its copy is seen done).
   Auto: the kept layers' saved tensors, nothing for the offloaded ones.
   Plus the rotary cos/sin tables (shared by all layers) and what the head keeps for the loss.
-- one layer's working set in backward: its recomputed saved tensors and the gradients flowing through it.
+- one layer's working set in backward: its recomputed saved tensors and the gradients flowing through it, at
+  the larger of two moments: the MLP's backward (all saved tensors; with the MLP tiled, one chunk of them) and
+  attention's (the MLP's tensors gone, SDPA's backward workspace there: what peaks at long context).
 - the head's working set: the logits and their gradients (the whole [tokens x vocab] on transformers' path; one
   chunk with slothbook's fused linear cross-entropy).
 
@@ -31,6 +34,7 @@ from ..train.activation_bytes import (  # noqa: F401
     MLP_TARGETS,
     LayerBytes,
     Shape,
+    attention_backward,
     default_ce_chunk,
     head_bytes,
     layer_saved,
@@ -53,7 +57,7 @@ class ActivationEstimate:
 
 def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkpointing: str,
                         impl: str = "kernels", grads: int = 0, quantized: bool = False,
-                        kept: int = 0) -> ActivationEstimate:
+                        kept: int = 0, device: str = "cuda") -> ActivationEstimate:
     """Activation bytes of one step over `n_tokens` tokens (batch x sequence length).
 
     quantized: NF4 base weights, dequantized one at a time for each matmul (the largest, intermediate x hidden,
@@ -63,6 +67,8 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     gradients counted in full (so it can be less than the activation bytes alive at the peak).
     kept: with checkpointing "auto", how many of the last layers keep their activations (train/keep.py's plan);
     the others are offloaded. "off" keeps every layer, "plain" and "offload" none.
+    device: "cuda" copies offloaded inputs on a side stream (one stays allocated until its copy is seen done);
+    on "cpu" the copies are synchronous.
     """
     targets = frozenset(targets)
     kept = s.layers if checkpointing == "off" else kept if checkpointing == "auto" else 0
@@ -84,12 +90,22 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
         per_saved = saved.other + a * s.hidden
         per_transient = transient.other + a * s.hidden
         chunk_bytes = TILED_MLP_CHUNK * (saved.mlp + transient.mlp)
+    # Attention's backward comes after the MLP's, whose saved tensors are gone by then; with the MLP tiled, it is
+    # where the layer peaks at long context. Only the norm's saved input (the checkpointed input) is not its own.
+    attention_phase = saved.other - (a * s.hidden if impl == "kernels" else 0) + attention_backward(s, a)
+    # Offloading on CUDA: one more layer input stays allocated until the caching allocator sees that its copy to
+    # the host (recorded on the side stream) has finished: measured after forward and in backward alike.
+    in_flight = a * s.hidden if offload and recomputed and device == "cuda" else 0
     if offload:  # the recomputed layer's input and the prefetched one below it are on the device
-        per_checkpointed, working = 0, n_tokens * (per_saved + per_transient + 2 * a * s.hidden) + chunk_bytes
+        inputs = 2 * a * s.hidden + in_flight
+        per_checkpointed = 0
+        working = max(n_tokens * (per_saved + per_transient + inputs) + chunk_bytes,
+                      n_tokens * (attention_phase + inputs))
     else:
-        per_checkpointed, working = a * s.hidden, n_tokens * (per_saved + per_transient)
+        per_checkpointed = a * s.hidden
+        working = n_tokens * max(per_saved + per_transient, attention_phase)
 
-    held = n_tokens * (kept * saved.total + recomputed * per_checkpointed + shared)
+    held = n_tokens * (kept * saved.total + recomputed * per_checkpointed + shared) + n_tokens * in_flight
     at_head = held + head.peak  # backward's first node: no adapter gradient exists yet
     # Backward frees each layer's held tensors once past it while adapter gradients accumulate: the largest layer
     # moments are the top layer (everything held, no gradient) and the bottom one (one layer held, all gradients);

@@ -287,7 +287,7 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
             free = gpu_memory - (fixed.weights + fixed.lora + fixed.optimizer + runtime)
             kept = layers_to_keep(recipe, a, n_tokens, free - recipe.headroom(a, n_tokens))
     act = activation_estimate(fixed.shape, n_tokens, a, r, fixed.targets, mode, implementation,
-                              grads=fixed.gradients, quantized=load_in_4bit, kept=kept)
+                              grads=fixed.gradients, quantized=load_in_4bit, kept=kept, device=device)
     # The optimizer step's own temporaries, with every gradient allocated (the convention `act.peak` follows).
     step = optimizer_step_transient(optimizer, fixed.lora, device)
     values = {"weights": fixed.weights, "lora": fixed.lora, "gradients": fixed.gradients,

@@ -105,6 +105,19 @@ def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> LayerBytes:
     return LayerBytes(round(a * per_h * s.hidden), round(a * per_i * s.intermediate))
 
 
+def attention_backward(s: Shape, a: int) -> int:
+    """Bytes per token that a layer's attention backward has alive beyond the layer's saved tensors.
+
+    The gradient that reached the layer (H) and the attention output's gradient with its head-major copy (2 q);
+    then SDPA's backward (cuDNN and flash alike): dq, dk and dv, an fp32 dq accumulator, dk and dv expanded to
+    the query heads under grouped-query attention, and an fp32 row sum per head. With the MLP tiled this is
+    where a long-context layer's backward peaks. Measured on an H200 (benchmarks/attention_memory.py: SDPA's
+    backward alone adds 45,184 bytes per token for Llama-3.1-8B's heads, this formula's last four terms).
+    """
+    gqa = 2 * a * s.q if s.kv_heads < s.heads else 0
+    return a * s.hidden + 2 * a * s.q + a * (s.q + 2 * s.kv) + 4 * s.q + gqa + 4 * s.heads
+
+
 # The "hf" backward working set, a * (c_i * intermediate + c_h * hidden) bytes per token, keyed by
 # (recomputed, activation bytes). Least-squares fits to exact CPU allocation tracking of Llama-shaped layers
 # (hidden 576/1152, intermediate 1536/3072, 1024 tokens, LoRA r=16 on all projections); the fp32 and bf16 cases
