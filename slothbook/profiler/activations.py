@@ -92,7 +92,8 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
         chunk_bytes = TILED_MLP_CHUNK * (saved.mlp + transient.mlp)
     # Attention's backward comes after the MLP's, whose saved tensors are gone by then; with the MLP tiled, it is
     # where the layer peaks at long context. Only the norm's saved input (the checkpointed input) is not its own.
-    attention_phase = saved.other - (a * s.hidden if impl == "kernels" else 0) + attention_backward(s, a)
+    attention_phase = (saved.other - (a * s.hidden if impl == "kernels" else 0)
+                       + attention_backward(s, a, flash=device == "cuda" and sdpa_runs_flash()))
     # Offloading on CUDA: one more layer input stays allocated until the caching allocator sees that its copy to
     # the host (recorded on the side stream) has finished: measured after forward and in backward alike.
     in_flight = a * s.hidden if offload and recomputed and device == "cuda" else 0
@@ -150,6 +151,15 @@ def _current_capability() -> tuple[int, int] | None:
     import torch
 
     return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+def sdpa_runs_flash(capability: tuple[int, int] | None = None) -> bool:
+    """Whether torch's SDPA runs the flash backend (Ampere and Ada, compute capability 8) rather than cuDNN's
+    kernels (Hopper and newer; with no GPU visible, Hopper is assumed, as for cuBLAS). Older GPUs run the
+    memory-efficient backend, whose backward is no larger than cuDNN's."""
+    if capability is None:
+        capability = _current_capability()
+    return capability is not None and capability[0] == 8
 
 
 def cuda_runtime_bytes(device: str) -> int:

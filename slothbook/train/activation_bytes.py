@@ -105,17 +105,19 @@ def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> LayerBytes:
     return LayerBytes(round(a * per_h * s.hidden), round(a * per_i * s.intermediate))
 
 
-def attention_backward(s: Shape, a: int) -> int:
+def attention_backward(s: Shape, a: int, flash: bool = False) -> int:
     """Bytes per token that a layer's attention backward has alive beyond the layer's saved tensors.
 
     The gradient that reached the layer (H) and the attention output's gradient with its head-major copy (2 q);
-    then SDPA's backward (cuDNN and flash alike): dq, dk and dv, an fp32 dq accumulator, dk and dv expanded to
-    the query heads under grouped-query attention, and an fp32 row sum per head. With the MLP tiled this is
-    where a long-context layer's backward peaks. Measured on an H200 (benchmarks/attention_memory.py: SDPA's
-    backward alone adds 45,184 bytes per token for Llama-3.1-8B's heads, this formula's last four terms).
+    then SDPA's backward as cuDNN's kernels run it (torch's choice on Hopper): dq, dk and dv, an fp32 dq
+    accumulator, dk and dv expanded to the query heads under grouped-query attention, and an fp32 row sum per
+    head. `flash`: the flash backend (torch's choice on Ampere and Ada) holds 4 q more. With the MLP tiled this
+    is where a long-context layer's backward peaks. benchmarks/attention_memory.py measured SDPA's part for
+    Llama-3.1-8B's heads on an H200: cuDNN 45,184 and flash 61,568 bytes per token.
     """
     gqa = 2 * a * s.q if s.kv_heads < s.heads else 0
-    return a * s.hidden + 2 * a * s.q + a * (s.q + 2 * s.kv) + 4 * s.q + gqa + 4 * s.heads
+    sdpa = a * (s.q + 2 * s.kv) + 4 * s.q + gqa + 4 * s.heads + (4 * s.q if flash else 0)
+    return a * s.hidden + 2 * a * s.q + sdpa
 
 
 # The "hf" backward working set, a * (c_i * intermediate + c_h * hidden) bytes per token, keyed by

@@ -47,3 +47,14 @@ def test_long_context_peak_is_estimated_within_two_percent_and_not_under(config)
                    kernels=True, device="cuda")
     assert 0.998 <= est.total / GIB / measured <= 1.02
     assert est.detail["held_after_forward"] / GIB == pytest.approx(held, rel=0.01)
+
+
+def test_flash_backward_term_matches_its_measurement_and_is_chosen_before_hopper():
+    from slothbook.profiler.activations import sdpa_runs_flash
+
+    rows = json.loads((RESULTS / "attention_memory-h200.json").read_text())["rows"]
+    measured = {r["config"]: r["value"] for r in rows if r["metric"] == "backward_bytes_per_token"}
+    s = Shape.from_config(_llama_8b())
+    assert measured["flash gqa 131072"] == attention_backward(s, 2, flash=True) - 2 * s.hidden - 2 * 2 * s.q
+    assert sdpa_runs_flash((8, 0)) and sdpa_runs_flash((8, 9))
+    assert not sdpa_runs_flash((9, 0)) and not sdpa_runs_flash((7, 5)) and not sdpa_runs_flash((10, 0))
