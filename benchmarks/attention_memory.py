@@ -43,8 +43,6 @@ def _backends():
 
 def _attention(contender: str, layout: str):
     """A function (q, k, v) -> output for one contender and GQA layout."""
-    import contextlib
-
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
@@ -59,7 +57,7 @@ def _attention(contender: str, layout: str):
     backend = _backends()[contender]
 
     def run(q, k, v):
-        with sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext():
+        with sdpa_kernel([backend]):
             if layout == "repeat":
                 k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True)

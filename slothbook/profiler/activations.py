@@ -106,7 +106,7 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
         per_checkpointed = a * s.hidden
         working = n_tokens * max(per_saved + per_transient, attention_phase)
 
-    held = n_tokens * (kept * saved.total + recomputed * per_checkpointed + shared) + n_tokens * in_flight
+    held = n_tokens * (kept * saved.total + recomputed * per_checkpointed + shared + in_flight)
     at_head = held + head.peak  # backward's first node: no adapter gradient exists yet
     # Backward frees each layer's held tensors once past it while adapter gradients accumulate: the largest layer
     # moments are the top layer (everything held, no gradient) and the bottom one (one layer held, all gradients);
