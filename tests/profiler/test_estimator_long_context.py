@@ -27,10 +27,15 @@ def _measured(name: str, metric: str) -> dict[str, float]:
     return {r["config"]: r["value"] for r in rows if r["contender"] == "measured" and r["metric"] == metric}
 
 
+def _sdpa_backward() -> dict[str, int]:
+    """attention_memory.py's backward bytes per token, by config ("<contender> <layout> <seq>")."""
+    rows = json.loads((RESULTS / "attention_memory-h200.json").read_text())["rows"]
+    return {r["config"]: r["value"] for r in rows if r["metric"] == "backward_bytes_per_token"}
+
+
 def test_sdpa_backward_terms_match_the_measured_workspace():
     # attention_memory.py: cuDNN's (the default backend's) backward over Llama-3.1-8B's heads, grouped-query.
-    rows = json.loads((RESULTS / "attention_memory-h200.json").read_text())["rows"]
-    measured = {r["config"]: r["value"] for r in rows if r["metric"] == "backward_bytes_per_token"}
+    measured = _sdpa_backward()
     s = Shape.from_config(_llama_8b())
     sdpa_only = attention_backward(s, 2) - 2 * s.hidden - 2 * 2 * s.q  # less the incoming gradients
     for seq in (32768, 131072):
@@ -52,8 +57,7 @@ def test_long_context_peak_is_estimated_within_two_percent_and_not_under(config)
 def test_flash_backward_term_matches_its_measurement_and_is_chosen_before_hopper():
     from slothbook.profiler.activations import sdpa_runs_flash
 
-    rows = json.loads((RESULTS / "attention_memory-h200.json").read_text())["rows"]
-    measured = {r["config"]: r["value"] for r in rows if r["metric"] == "backward_bytes_per_token"}
+    measured = _sdpa_backward()
     s = Shape.from_config(_llama_8b())
     assert measured["flash gqa 131072"] == attention_backward(s, 2, flash=True) - 2 * s.hidden - 2 * 2 * s.q
     assert sdpa_runs_flash((8, 0)) and sdpa_runs_flash((8, 9))
