@@ -7,7 +7,8 @@ weights, bf16 autocast. Each contender runs in its own subprocess, once per conf
   hf         transformers + PEFT, SDPA, transformers' gradient checkpointing (non-reentrant)
   liger      the same plus Liger kernels (RoPE, RMSNorm, SwiGLU, fused linear cross-entropy), if it imports
   unsloth    FastLanguageModel with use_gradient_checkpointing="unsloth", if it imports
-  slothbook  offloaded checkpointing + tiled MLP + fused linear cross-entropy (slothbook.kernels)
+  slothbook  FastLanguageModel.get_peft_model(use_gradient_checkpointing="slothbook"), kernels patched: offloaded
+             checkpointing, MLP tiled above 16K tokens, fused LoRA projections, fused linear cross-entropy
 
 Per contender and config ("qlora", "lora16") it measures
   time      step time at --time-seq tokens; slothbook also with plain checkpointing -> overhead_fraction
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
                         time_seq=args.time_seq, memory_seq=args.memory_seq, search_start=args.search_start,
                         search_step=args.search_step, max_seq=args.max_seq, steps=args.steps,
                         check_seqs=sorted(args.check_seqs),
-                        chunk_tokens=args.chunk_tokens, workdir=args.workdir, budget_s=left - 20,
+                        workdir=args.workdir, budget_s=left - 20,
                         gpu_memory_gib=args.gpu_memory_gib)
             result = run_worker(spec, timeout=left)
             rows += result.get("rows", [])
@@ -105,7 +106,6 @@ def parse_args(argv):
     p.add_argument("--gpu-memory-gib", type=float, default=None,
                    help="let the caching allocator hold at most this much (an H200 standing in for an 80 GB H100: "
                         "79.19, the total an H100 80GB HBM3's out-of-memory errors report)")
-    p.add_argument("--chunk-tokens", type=int, default=4096, help="slothbook tiled-MLP chunk")
     p.add_argument("--budget-s", type=float, default=540,
                    help="wall-clock budget for the whole run (default: fits one 10-minute device command)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "slothbook-long-context"),
@@ -290,7 +290,8 @@ def worker(spec: dict) -> None:
             if measured is None:
                 break
             best = seq
-            for metric, value, unit in zip(("time_ms", "peak_alloc_gib", "pinned_gib"), measured, ("ms", "GiB", "GiB")):
+            for metric, value, unit in zip(("time_ms", "peak_alloc_gib", "pinned_gib", "host_available_gib"),
+                                           measured, ("ms", "GiB", "GiB", "GiB")):
                 row("long_step", seq, metric, value, unit)
             emit()
         rows.append({"benchmark": "max_seq_len", "contender": contender, "config": f"{config} checked",
@@ -360,8 +361,9 @@ class Run:
         return round(peak, 3), round(pinned_bytes() / GIB, 3)
 
     def one_step(self, seq: int, notes: list):
-        """(time_ms, peak GiB, pinned GiB) of one step from a cold start (the first at this length: it includes
-        growing the pinned pool), or None when it fails; no memory statistics on the CPU."""
+        """(time_ms, peak GiB, pinned GiB, host GiB still available) of one step from a cold start (the first at
+        this length: it includes growing the pinned pool), or None when it fails; no GPU statistics on the CPU.
+        Pinned plus available host memory bounds the longest context that offloading can hold."""
         import torch
 
         release(self.device)
@@ -372,9 +374,12 @@ class Run:
         if not self.guarded(seq, notes, "check"):
             return None
         ms = round((time.perf_counter() - start) * 1000, 1)
+        available = host_available_bytes()
+        available = None if available is None else round(available / GIB, 3)
         if not cuda:
-            return ms, None, None
-        return ms, round(torch.cuda.max_memory_allocated(self.device) / GIB, 3), round(pinned_bytes() / GIB, 3)
+            return ms, None, None, available
+        return (ms, round(torch.cuda.max_memory_allocated(self.device) / GIB, 3), round(pinned_bytes() / GIB, 3),
+                available)
 
     def step_fits(self, seq: int, notes: list) -> bool:
         release(self.device)
@@ -413,6 +418,27 @@ def pinned_bytes() -> int:
     from slothbook.train.offload import offloaded_bytes
 
     return offloaded_bytes()
+
+
+def host_available_bytes():
+    """Host memory this process could still take (what the offload pool could page-lock next): /proc/meminfo's
+    MemAvailable, or less where the container's cgroup caps it; None where neither can be read."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2, then v1
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
+            used = int(Path("/sys/fs/cgroup", usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, int(limit) - used)
+        break
+    return available
 
 
 # ---------------------------------------------------------------- building models
@@ -494,41 +520,24 @@ def setup_liger(spec, device, notes) -> Run:
 
 
 def setup_slothbook(spec, device, notes) -> Run:
-    from slothbook.train.offload import enable_offloaded_checkpointing
-    from slothbook.train.tiled_mlp import enable_tiled_mlp
+    """What a user gets: FastLanguageModel.get_peft_model with offloaded checkpointing (the MLP tiled above 16K
+    tokens) and, on CUDA, slothbook's kernels patched in (fused LoRA projections, RMSNorm, RoPE, and the fused
+    linear cross-entropy, so the logits never exist)."""
+    from slothbook import FastLanguageModel
+    from slothbook.train.checkpointing import set_gradient_checkpointing
 
-    model = add_lora(random_llama(spec, device, spec["config"] == "qlora")).train()
-    pool = enable_offloaded_checkpointing(model)
-    enable_tiled_mlp(model, chunk_tokens=spec["chunk_tokens"])
-    return Run(spec, model, slothbook_loss(model, device, notes, spec), device,
-               plain=lambda: enable_offloaded_checkpointing(model, offload=False),
-               offloaded=lambda: enable_offloaded_checkpointing(model, pool=pool))
-
-
-def slothbook_loss(model, device, notes, spec):
-    """Final hidden states into the fused linear cross-entropy (no full logits); eager when it is missing."""
-    import torch.nn.functional as F
-
-    base = model.get_base_model()
-    fused = None
+    base = random_llama(spec, device, spec["config"] == "qlora")
+    model = FastLanguageModel.get_peft_model(base, r=16, lora_alpha=16, target_modules=TARGETS,
+                                             use_gradient_checkpointing="slothbook")
     if device.type == "cuda":
-        try:
-            from slothbook.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy as fused
-        except Exception as exc:
-            notes.append(note("slothbook", spec["config"], f"fused linear CE unavailable ({type(exc).__name__}: "
-                                                           f"{exc}); eager lm_head + cross-entropy"))
+        from slothbook.models.patch import patch_model
+
+        patch_model(model)
     else:
-        notes.append(note("slothbook", spec["config"], "fused linear CE needs CUDA; eager lm_head + cross-entropy"))
-
-    def loss(ids):
-        hidden = base.model(input_ids=ids).last_hidden_state[:, :-1]
-        labels = ids[:, 1:]
-        if fused is not None:
-            return fused(hidden, base.lm_head.weight, labels)
-        logits = base.lm_head(hidden).float()
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-    return loss
+        notes.append(note("slothbook", spec["config"], "CPU: no kernels patched (they need CUDA)"))
+    return Run(spec, model.train(), labels_loss(model), device,
+               plain=lambda: set_gradient_checkpointing(model, True),
+               offloaded=lambda: set_gradient_checkpointing(model, "slothbook"))
 
 
 def setup_unsloth(spec, device, notes) -> Run:

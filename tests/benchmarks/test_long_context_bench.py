@@ -1,6 +1,7 @@
 """Smoke test of benchmarks/long_context.py (--tiny: a two-layer Llama on the CPU): the check phase steps through
-its lengths in order, reports one row set per completed length and the longest as max_seq_len, in the results
-schema. Memory and speed are not checked here (no CUDA statistics on the CPU)."""
+its lengths in order, reports one row set per completed length (with the host memory still available) and the
+longest as max_seq_len, in the results schema. Memory and speed are not checked here (no CUDA statistics on the
+CPU)."""
 
 from __future__ import annotations
 
@@ -25,5 +26,7 @@ def test_check_phase_reports_each_length_and_the_longest(tmp_path):
     assert all(set(r) == FIELDS for r in doc["rows"])
     times = {r["config"]: r["value"] for r in doc["rows"] if r["metric"] == "time_ms"}
     assert set(times) == {"lora16 64x1", "lora16 96x1"} and all(v > 0 for v in times.values())
+    available = [r["value"] for r in doc["rows"] if r["metric"] == "host_available_gib"]
+    assert len(available) == 2 and all(0 < v < 1e5 for v in available)
     best = [r for r in doc["rows"] if r["metric"] == "max_seq_len"]
     assert [(r["config"], r["value"]) for r in best] == [("lora16 checked", 96)]
