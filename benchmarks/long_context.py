@@ -234,7 +234,7 @@ def worker(spec: dict) -> None:
 
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if spec.get("gpu_memory_gib") and device.type == "cuda":
         # A larger GPU stands in for a smaller one: the caching allocator refuses to hold more than this.
