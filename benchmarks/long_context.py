@@ -33,6 +33,7 @@ import datetime
 import gc
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -241,6 +242,8 @@ def worker(spec: dict) -> None:
         total = torch.cuda.mem_get_info(device)[1]  # what the fraction is of (the properties report less)
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["gpu_memory_gib"] * GIB / total), device)
         result["device"] += f" capped at {spec['gpu_memory_gib']:g} GiB"
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        notes.append(note(contender, config, f"PYTORCH_CUDA_ALLOC_CONF={os.environ['PYTORCH_CUDA_ALLOC_CONF']}"))
     try:
         run = SETUPS[contender](spec, device, notes)
     except Exception as exc:
@@ -330,8 +333,9 @@ class Run:
         try:
             self.step(seq)
             return True
-        except torch.OutOfMemoryError:
-            notes.append(note(self.contender, self.config, f"{what}: out of memory at {seq} tokens"))
+        except torch.OutOfMemoryError as exc:  # its first sentence says what was asked for and what was free
+            notes.append(note(self.contender, self.config, f"{what}: out of memory at {seq} tokens: "
+                                                           f"{str(exc).split('. Of the')[0][:400]}"))
         except Exception as exc:
             notes.append(note(self.contender, self.config, f"{what}: {type(exc).__name__}: {exc} at {seq} tokens"))
         self.optimizer.zero_grad(set_to_none=True)
@@ -378,6 +382,8 @@ class Run:
         available = None if available is None else round(available / GIB, 3)
         if not cuda:
             return ms, None, None, available
+        notes.append(note(self.contender, self.config, f"check at {seq}: peak reserved "
+                          f"{torch.cuda.max_memory_reserved(self.device) / GIB:.2f} GiB"))
         return (ms, round(torch.cuda.max_memory_allocated(self.device) / GIB, 3), round(pinned_bytes() / GIB, 3),
                 available)
 
