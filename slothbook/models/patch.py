@@ -39,7 +39,7 @@ from slothbook.kernels.rope import apply_rope
 from slothbook.kernels.swiglu import geglu, swiglu
 
 from ..errors import DeviceError
-from ..forwards import patch_forward, patched_over, unpatch_forward
+from ..forwards import patch_beneath, patched_over, unpatch_forward
 from .families import Family, family_of
 
 log = logging.getLogger("slothbook")
@@ -140,7 +140,9 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def _replace_forward(module: nn.Module, forward) -> None:
-    patch_forward(module, _SAVED, types.MethodType(forward, module))
+    # Beneath a wrapper that reads its inner forward (an MLP tiled by use_gradient_checkpointing="slothbook"
+    # before the kernels came in): replacing it would silently drop the tiling.
+    patch_beneath(module, _SAVED, types.MethodType(forward, module))
 
 
 # ---------------------------------------------------------------- LoRA layers

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..forwards import patch_forward, unpatch_forward
+from ..forwards import inner_forward, patch_forward, reads_inner, unpatch_forward
 from .offload import ReplayState, find_decoder_layers, grads_of, in_kept_layer
 
 _PATCH_KEY = "_slothbook_tiled_mlp"
@@ -69,8 +69,10 @@ class _TiledMLP(torch.autograd.Function):
                 *(next(grads) if need else None for need in need_params))
 
 
-def _tiled_forward(mlp: nn.Module, forward, chunk_tokens: int, above: int):
+def _tiled_forward(mlp: nn.Module, chunk_tokens: int, above: int):
+    @reads_inner  # the forward beneath is looked up per call: kernels patched in later run inside the tiling
     def tiled(x):
+        forward = inner_forward(mlp, _PATCH_KEY)
         tokens = x.numel() // x.shape[-1]
         if tokens <= max(chunk_tokens, above) or in_kept_layer():
             return forward(x)  # short inputs (and every decoding step) run untouched
@@ -105,7 +107,7 @@ def enable_tiled_mlp(model: nn.Module, chunk_tokens: int = TILED_MLP_CHUNK, abov
         mlp = _mlp_of(layer)
         if mlp is not None:
             unpatch_forward(mlp, _PATCH_KEY)  # so that mlp.forward below is the MLP's own
-            patch_forward(mlp, _PATCH_KEY, _tiled_forward(mlp, mlp.forward, chunk_tokens, above))
+            patch_forward(mlp, _PATCH_KEY, _tiled_forward(mlp, chunk_tokens, above))
             tiled += 1
     return tiled
 

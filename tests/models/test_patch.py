@@ -19,7 +19,10 @@ from slothbook.kernels.nf4 import NF4Weight
 from slothbook.models.families import FAMILIES
 from slothbook.models.families.tiny import save_tiny_model
 from slothbook.models.patch import is_patched, lora_parts, patch_model, unpatch, wants_kernels
+from slothbook.forwards import inner_forward
 from slothbook.train.offload import enable_offloaded_checkpointing
+from slothbook.train.tiled_mlp import _PATCH_KEY as TILED_KEY
+from slothbook.train.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
 
 FAMILY_NAMES = sorted(FAMILIES)
 BASES = pytest.mark.parametrize("load_in_4bit", [False, True], ids=["lora16", "qlora"])
@@ -299,6 +302,27 @@ def test_unpatch_leaves_a_forward_wrapped_after_ours(tiny_dirs, caplog):
         unpatch(model)
     assert "wrapped after the kernels" in caplog.text
     assert _has_own_forward(model) == [""]  # only the causal LM itself keeps its (wrapped) forward
+
+
+def test_kernels_patched_after_tiling_run_inside_the_tiled_mlp(tiny_dirs):
+    # The order of long_context.py's first product-path run: get_peft_model("slothbook") tiles the MLPs, then
+    # patch_model; replacing the tiled forward had left the MLP untiled (an out-of-memory at 385K tokens).
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_dirs("llama")), dtype=torch.float32, kernels=False)
+    model = FastLanguageModel.get_peft_model(model, r=4, init_lora_weights=False, use_gradient_checkpointing=False)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(1, 24, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    plain = mlp(x)
+    enable_tiled_mlp(model, chunk_tokens=8)
+    patch_model(model)
+    inner = inner_forward(mlp, TILED_KEY)
+    assert getattr(inner, "__func__", None) is not type(mlp).forward  # the kernel's forward, inside the tiling
+    tiled = mlp(x.requires_grad_())
+    assert "TiledMLP" in type(tiled.grad_fn).__name__
+    assert rel(tiled.detach(), plain.detach()) < 1e-5
+    assert unpatch(model) == len(model.get_base_model().model.layers) * 4 + 2  # nothing wrapped over: all restored
+    assert inner_forward(mlp, TILED_KEY).__func__ is type(mlp).forward  # the tiling wraps the MLP's own again
+    disable_tiled_mlp(model)
+    assert "forward" not in mlp.__dict__
 
 
 def test_kernels_default_follows_the_device(tiny_dirs, monkeypatch):
