@@ -378,8 +378,9 @@ class Run:
         if not self.guarded(seq, notes, "check"):
             return None
         ms = round((time.perf_counter() - start) * 1000, 1)
-        available = host_available_bytes()
-        available = None if available is None else round(available / GIB, 3)
+        from slothbook.device import host_memory_available  # what the offload pool could still page-lock
+
+        available = round(host_memory_available() / GIB, 3)
         if not cuda:
             return ms, None, None, available
         notes.append(note(self.contender, self.config, f"check at {seq}: peak reserved "
@@ -424,27 +425,6 @@ def pinned_bytes() -> int:
     from slothbook.train.offload import offloaded_bytes
 
     return offloaded_bytes()
-
-
-def host_available_bytes():
-    """Host memory this process could still take (what the offload pool could page-lock next): /proc/meminfo's
-    MemAvailable, or less where the container's cgroup caps it; None where neither can be read."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        available = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2, then v1
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            limit = Path("/sys/fs/cgroup", limit_file).read_text().strip()
-            used = int(Path("/sys/fs/cgroup", usage_file).read_text())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit():
-            available = min(available, int(limit) - used)
-        break
-    return available
 
 
 # ---------------------------------------------------------------- building models

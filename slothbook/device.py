@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -39,6 +40,30 @@ def list_devices() -> list[DeviceInfo]:
         free, total = torch.cuda.mem_get_info(i)
         out.append(DeviceInfo(i, props.name, f"{props.major}.{props.minor}", props.major >= 8, total, free))
     return out
+
+
+def host_memory_available(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """Bytes of host memory this process can still take: the OS's available memory, or less where the container's
+    cgroup limit leaves less (past it the kernel kills the process instead of failing an allocation)."""
+    import psutil
+
+    available = psutil.virtual_memory().available
+    room = _cgroup_room(cgroup_root)
+    return available if room is None else max(0, min(available, room))
+
+
+def _cgroup_room(root: str) -> int | None:
+    """The cgroup's limit less its usage (v2, then v1), or None when there is no limit or no cgroup to read."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(root, limit_file).read_text().strip()
+            used = int(Path(root, usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        # v2 writes "max" for no limit; v1 writes a huge page-rounded number.
+        return int(limit) - used if limit.isdigit() and int(limit) < 1 << 60 else None
+    return None
 
 
 def bf16_supported() -> bool:

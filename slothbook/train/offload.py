@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..device import host_memory_available
 from ..errors import TrainingError, UnsupportedArchitectureError
 from ..forwards import patch_forward, unpatch_forward
 from ..models.unwrap import base_model_of
@@ -103,6 +104,7 @@ class PinnedPool:
                     torch.cuda.synchronize()  # a prefetch may still be reading it (rare: only when growing)
                 self._capacity -= small.numel()
                 self._buffers -= 1
+                del small  # freed now, so that the host-memory check below counts its bytes as available
             buffer = self._allocate(_size_class(nbytes))
         self._in_use += buffer.numel()
         return buffer
@@ -114,6 +116,8 @@ class PinnedPool:
         self._free.append(buffer)
 
     def _allocate(self, size: int) -> torch.Tensor:
+        if size > _EXACT_FROM:
+            _check_host_room(size, self._capacity)
         try:
             buffer = _pinned(size) if self.pin else torch.empty(size, dtype=torch.uint8)
         except RuntimeError as exc:  # locked-memory limit (ulimit -l) in some containers
@@ -128,6 +132,22 @@ class PinnedPool:
 
 
 _EXACT_FROM = 64 << 20  # bytes; below: torch's caching pinned allocator (power-of-two blocks)
+_HOST_RESERVE = 2 << 30  # bytes of host memory left to the OS and this process's own growth
+
+
+def _check_host_room(size: int, held: int) -> None:
+    """A clear error instead of the kernel's out-of-memory kill (which takes a notebook's kernel with it) when the
+    next layer input does not fit in the host memory that is left."""
+    available = host_memory_available()
+    if size <= available - _HOST_RESERVE:
+        return
+    gib = 2**30
+    raise TrainingError(
+        f"Offloaded checkpointing needs {size / gib:.2f} GiB more host memory for the next layer's input, but only "
+        f"{available / gib:.2f} GiB is available (the offload pool already holds {held / gib:.2f} GiB; every "
+        f"offloaded layer keeps its input, tokens x hidden size x 2 bytes, in host memory). Shorten the sequence "
+        "or the batch, free host memory, or use use_gradient_checkpointing='auto' (keeps the last layers' "
+        "activations on the GPU) or True (plain checkpointing: layer inputs stay on the GPU).")
 _STEPS_PER_OCTAVE = 16
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..device import host_memory_available
 from ..errors import ConfigError
 from ..profiler import Estimate, estimate, max_fit
 from ..profiler.samples import LABELS, format_bytes
@@ -71,6 +72,9 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
     """(fits, a sentence saying so; when it does not, what would fit instead)."""
     budget = target.budget
     if est.fits(budget):
+        short = host_shortfall(est, target)
+        if short is not None:
+            return False, short
         return True, f"Fits: predicted peak {format_bytes(est.total)}, {est.total / budget:.0%} of {target.label}."
     s = est.settings
     fit = max_fit(model, budget, seq_len=s["seq_len"], batch_size=s["batch_size"], r=s["r"],
@@ -82,6 +86,20 @@ def verdict(est: Estimate, target: Target, model: str) -> tuple[bool, str]:
     advice = f" What fits: {fit}." if fit.seq_len or fit.batch_size else " Not even the shortest sequence fits."
     more = f" Or {' and '.join(hints)}." if hints else ""
     return False, f"Will not fit: predicted peak {format_bytes(est.total)} exceeds {target.label}.{advice}{more}"
+
+
+def host_shortfall(est: Estimate, target: Target) -> str | None:
+    """What to say when the offloaded layer inputs would not fit in this machine's host memory; None when they do
+    (or nothing is offloaded)."""
+    need = est.detail.get("offloaded", 0)
+    if not need or target.cpu:
+        return None
+    available = host_memory_available()
+    if need <= available:
+        return None
+    return (f"Will not fit in host memory: offloading keeps {format_bytes(need)} of layer inputs in this machine's "
+            f"memory, and {format_bytes(available)} is available. Shorten the sequence or the batch, or let 'auto' "
+            "checkpointing (offload unticked) keep the last layers on the GPU.")
 
 
 def display_estimate(est: Estimate, fits: bool, sentence: str) -> None:

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from slothbook.device import host_memory_available
 from slothbook.errors import TrainingError, UnsupportedArchitectureError
 from slothbook.models.embedded import EMBEDDED_ALIAS, embedded_model_dir
 from slothbook.train.offload import (PinnedPool, disable_offloaded_checkpointing, enable_offloaded_checkpointing,
@@ -204,6 +205,18 @@ def test_pool_grows_once_for_a_longer_sequence_and_reuses_otherwise():
     extra = PinnedPool(pin=False)
     extra.release(extra.acquire(1 << 20))
     assert offloaded_bytes() == before + (1 << 20)
+
+
+def test_pool_refuses_a_layer_input_the_host_cannot_hold_and_stays_usable():
+    # Past the memory left, the kernel would kill the process (a notebook's kernel with it) as the pages fill.
+    pool = PinnedPool(pin=False)
+    kept = pool.acquire(100 << 20)  # above the exact-size threshold, so checked too, and it fits
+    with pytest.raises(TrainingError, match=r"needs \S+ GiB more host memory .* only \S+ GiB is available "
+                                            r"\(the offload pool already holds 0\.10 GiB.*use_gradient_checkpointing"):
+        pool.acquire(2 * host_memory_available())
+    assert pool.stats().buffers == 1
+    pool.release(kept)
+    assert pool.acquire(50 << 20).data_ptr() == kept.data_ptr()
 
 
 def test_pool_in_use_accounting():
