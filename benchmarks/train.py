@@ -30,6 +30,7 @@ so these agree to bf16 rounding; a contender that disagrees computes something e
   python benchmarks/train.py --models gemma --configs qlora lora16 --out b.json   # 7 minutes each, unmeasured)
   python benchmarks/train.py --merge a.json b.json --out benchmarks/results/train.json --markdown --chart c.svg
   python benchmarks/train.py --tiny                                # CPU smoke test (Triton interpreter)
+  python benchmarks/train.py --tiny --models gemma                 # the same for the Gemma-2 shape at toy sizes
 
 docs/benchmarks.md gives the split of the full set into device calls, and the method and FLOP count in full.
 
@@ -47,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -111,9 +112,24 @@ MODELS = {
         attn_logit_softcapping=50.0, hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
         bos_token_id=2, eos_token_id=1, pad_token_id=0), batches=(4,), attention="eager"),
 }
-TINY = Shape("tiny-llama", "llama", dict(
-    MODELS["llama"].config, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=1024, bos_token_id=1, eos_token_id=2), batches=(1, 2), generation=True)
+
+
+def tiny_of(shape: Shape) -> Shape:
+    """The shape's family and features (soft-caps, sliding window, tied head, its attention) at toy sizes: the CPU
+    smoke test of that shape's code path in every contender."""
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, bos_token_id=1, eos_token_id=2)
+    if "head_dim" in shape.config:
+        small["head_dim"] = 16
+    if "query_pre_attn_scalar" in shape.config:
+        small["query_pre_attn_scalar"] = 16
+    if "sliding_window" in shape.config:
+        small["sliding_window"] = 16  # shorter than the smoke test's sequence, so the window is exercised
+    return replace(shape, name="tiny-" + shape.name.split("-")[0], config=dict(shape.config, **small),
+                   batches=(1, 2))
+
+
+TINY = tiny_of(MODELS["llama"])
 # --tiny --profile: one profiled step of the first batch only (a profiled step under the interpreter takes seconds).
 TINY_SIZES = dict(seq=32, warmup=1, steps=2, gen_prompt=8, gen_new=4, gen_batches=(1, 2), profile_steps=1)
 PROFILE_STEPS = 2
@@ -189,7 +205,8 @@ def report(rows: list, args, profiles: list = ()) -> None:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+                   help="default: all (--tiny: llama; --tiny --models gemma runs the Gemma-2 shape at toy sizes)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     p.add_argument("--contenders", nargs="+", default=None, choices=list(contenders.CONTENDERS),
                    help="default: all (--tiny: hf and slothbook)")
@@ -236,7 +253,8 @@ def parse_args(argv):
 
 
 def shapes_of(args) -> list[Shape]:
-    return [TINY] if args.tiny else [MODELS[m] for m in args.models]
+    names = args.models or (["llama"] if args.tiny else list(MODELS))  # --tiny: Llama unless told otherwise
+    return [tiny_of(MODELS[m]) if args.tiny else MODELS[m] for m in names]
 
 
 def workdir_for(args, shape: Shape) -> Path:
@@ -354,7 +372,7 @@ def current(result: dict, contender: str, config: str) -> None:
 
 
 def shape_named(name: str) -> Shape:
-    return next(s for s in [*MODELS.values(), TINY] if s.name == name)
+    return next(s for s in [*MODELS.values(), *map(tiny_of, MODELS.values())] if s.name == name)
 
 
 def job_for(spec: dict, device) -> Job:

@@ -92,6 +92,21 @@ def test_contenders_see_the_same_model_and_tokens(tiny):
 
 
 @slow
+def test_the_gemma2_shape_trains_in_both_contenders_at_toy_size(tmp_path):
+    # The device run's Gemma-2-9B shape (eager attention, logit soft-caps, sliding window, tied 256K head) at toy
+    # sizes: its code path in each contender, before device time is spent on it.
+    out = tmp_path / "gemma.json"
+    _run("--tiny", "--models", "gemma", "--configs", "qlora", "--out", str(out), "--workdir", str(tmp_path / "work"))
+    shape = train.tiny_of(train.MODELS["gemma"])
+    assert shape.name == "tiny-gemma" and shape.attention == "eager" and shape.get("sliding_window") == 16
+    losses = _values(json.loads(out.read_text()), metric="first_loss")
+    for batch in shape.batches:
+        config = f"qlora {train.TINY_SIZES['seq']}x{batch} tiny-gemma"
+        hf, ours = losses[("hf", config)], losses[("slothbook", config)]
+        assert abs(hf - ours) < 2e-3 * hf, (config, hf, ours)
+
+
+@slow
 def test_generation_rows(tiny):
     doc, _, _ = tiny
     prompt, new = train.TINY_SIZES["gen_prompt"], train.TINY_SIZES["gen_new"]
