@@ -48,10 +48,31 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
 RESULT_MARK = "@@RESULT@@ "
 GIB = 2**30
 ERROR = "error"
+
+
+
+def load_script(name: str):
+    """benchmarks/<name>.py as the module `slothbook_benchmarks_<name>`, loaded from its file (once): the folder
+    stays off sys.path, so that its scripts' generic names (train, generation) shadow no installed module."""
+    import importlib.util
+
+    key = f"slothbook_benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # dataclasses look their module up while the file executes
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
+
 
 # Packages whose versions every results file records (missing ones are left out).
 PACKAGES = ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "liger-kernel", "unsloth", "slothbook")

@@ -38,7 +38,6 @@ Rows (benchmarks/results/estimator_accuracy.json, format in common.py):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -49,18 +48,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def _load(name: str):
-    # Loaded from their files under names of their own: benchmarks/ stays off sys.path, so that its scripts'
-    # generic names (train, generation) shadow no installed module.
-    spec = importlib.util.spec_from_file_location(f"slothbook_benchmarks_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import common  # noqa: E402
 
-
+# Off sys.path again, so that this folder's generic script names (train, generation) shadow no installed module.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-common = _load("common")
-builders = _load("long_context")  # random_llama: Llama-3.1-8B's shape (or a tiny one), random weights, NF4 option
+builders = common.load_script("long_context")  # random_llama: Llama-3.1-8B's shape (or a tiny one), random weights
 
 CONFIGS = ("qlora", "lora16")
 MODES = ("plain", "offload")

@@ -22,24 +22,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 BENCH = "host_bound"
-
-
-def _load_train():
-    # train.py puts this folder on sys.path only while it imports its helpers (common, contenders).
-    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_train", HERE / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
 
 
 def _timed_steps(step, batches, device):
@@ -132,8 +121,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    train = _load_train()
-    import common  # importable once train.py has loaded it
+    import common  # python puts this folder on sys.path for a script run from it
+
+    train = common.load_script("train")
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="slothbook-host-"))

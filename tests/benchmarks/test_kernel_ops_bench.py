@@ -3,7 +3,6 @@ helpers in benchmarks/common.py. Speed is not checked here; the schema, the accu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench_scripts import load
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPT = BENCHMARKS / "kernel_ops.py"
 KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
@@ -21,16 +22,7 @@ KERNELS = ("rms_norm", "rope", "swiglu", "geglu", "cross_entropy", "fused_linear
 FIELDS = {"benchmark", "contender", "config", "metric", "value", "unit"}
 
 
-def _load_common():
-    # Loaded from its file under a name of its own: benchmarks/ on sys.path would put its scripts' generic names
-    # (train, generation) in front of installed modules.
-    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_common", BENCHMARKS / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+common = load("common")
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +180,7 @@ def test_run_worker_keeps_the_last_result_and_reports_a_crash():
 
 @pytest.mark.gpu
 def test_graph_timer_times_a_backward_and_refuses_a_host_sync():
-    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_kernels", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes (python 3.12)
-    spec.loader.exec_module(bench)
+    bench = load("kernel_ops")
     device = torch.device("cuda")
     timer = bench.GraphTimer(device)
     x = torch.randn(4096, 4096, device=device, requires_grad=True)

@@ -3,27 +3,12 @@ a real torch.profiler run of a small training step on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import load
 
-
-def _load():
-    # Loaded from its file under a name of its own: benchmarks/ on sys.path would put its scripts' generic names
-    # (train, generation) in front of installed modules.
-    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_profile_table", BENCHMARKS / "profile_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pt = _load()
+pt = load("profile_table")
 
 FILL = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
         "at::detail::Array<char*, 1> >(int, at::native::FillFunctor<float>, at::detail::Array<char*, 1>)")

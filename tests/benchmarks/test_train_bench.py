@@ -15,20 +15,14 @@ from xml.etree import ElementTree
 
 import pytest
 
+from bench_scripts import load
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "train.py"
 FIELDS = {"benchmark", "contender", "config", "metric", "value", "unit"}
 slow = pytest.mark.slow  # the --tiny run: several processes and the Triton interpreter
 
 
-def _load_train():
-    spec = importlib.util.spec_from_file_location("slothbook_benchmarks_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train()
+train = load("train")
 
 
 def _run(*args, timeout=900):
