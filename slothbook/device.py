@@ -32,8 +32,8 @@ def list_devices() -> list[DeviceInfo]:
     if not torch.cuda.is_available():
         import psutil
 
-        vm = psutil.virtual_memory()
-        return [DeviceInfo(None, "CPU", "-", True, vm.total, vm.available)]
+        # What is free is what this process can still take: the same figure the offload pool checks against.
+        return [DeviceInfo(None, "CPU", "-", True, psutil.virtual_memory().total, host_memory_available())]
     out = []
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)

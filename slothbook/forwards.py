@@ -47,18 +47,21 @@ def patch_beneath(module: nn.Module, key: str, forward) -> None:
     module.__dict__[outer] = (forward, wrapper)
 
 
+def _records(module: nn.Module):
+    """(key, before, forward) of each patch on `module`: the (before, forward) pairs patch_forward stored."""
+    return [(k, v[0], v[1]) for k, v in module.__dict__.items()
+            if isinstance(v, tuple) and len(v) == 2 and callable(v[1])]
+
+
 def _wrapper_around(module: nn.Module, forward):
     """The key of the patch whose wrapper is `forward` (None when no patch installed it)."""
-    if forward is None:
-        return None
-    return next((k for k, v in module.__dict__.items()
-                 if isinstance(v, tuple) and len(v) == 2 and v[1] is forward), None)
+    return next((k for k, _, wrapper in _records(module) if forward is not None and wrapper is forward), None)
 
 
 def _reader_of(module: nn.Module, forward):
     """The key of a `reads_inner` patch that wraps `forward` (then `forward` can be unlinked from under it)."""
-    return next((k for k, v in module.__dict__.items() if isinstance(v, tuple) and len(v) == 2 and v[0] is forward
-                 and getattr(v[1], _READS_INNER, False)), None)
+    return next((k for k, before, wrapper in _records(module)
+                 if before is forward and getattr(wrapper, _READS_INNER, False)), None)
 
 
 def patched_over(module: nn.Module, key: str) -> bool:
