@@ -132,6 +132,7 @@ class PinnedPool:
 
 
 _EXACT_FROM = 64 << 20  # bytes; below: torch's caching pinned allocator (power-of-two blocks)
+_STEPS_PER_OCTAVE = 16
 _HOST_RESERVE = 2 << 30  # bytes of host memory left to the OS and this process's own growth
 
 
@@ -148,7 +149,6 @@ def _check_host_room(size: int, held: int) -> None:
         f"offloaded layer keeps its input, tokens x hidden size x 2 bytes, in host memory). Shorten the sequence "
         "or the batch, free host memory, or use use_gradient_checkpointing='auto' (keeps the last layers' "
         "activations on the GPU) or True (plain checkpointing: layer inputs stay on the GPU).")
-_STEPS_PER_OCTAVE = 16
 
 
 def _size_class(nbytes: int) -> int:
