@@ -55,7 +55,6 @@ GIB = 2**30
 ERROR = "error"
 
 
-
 def load_script(name: str):
     """benchmarks/<name>.py as the module `slothbook_benchmarks_<name>`, loaded from its file (once): the folder
     stays off sys.path, so that its scripts' generic names (train, generation) shadow no installed module."""
