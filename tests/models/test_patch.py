@@ -14,12 +14,12 @@ import torch
 
 from slothbook import FastLanguageModel
 from slothbook.errors import DeviceError
+from slothbook.forwards import inner_forward
 from slothbook.kernels._utils import is_interpret
 from slothbook.kernels.nf4 import NF4Weight
 from slothbook.models.families import FAMILIES
 from slothbook.models.families.tiny import save_tiny_model
 from slothbook.models.patch import is_patched, lora_parts, patch_model, unpatch, wants_kernels
-from slothbook.forwards import inner_forward
 from slothbook.train.offload import enable_offloaded_checkpointing
 from slothbook.train.tiled_mlp import _PATCH_KEY as TILED_KEY
 from slothbook.train.tiled_mlp import disable_tiled_mlp, enable_tiled_mlp
