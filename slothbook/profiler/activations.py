@@ -57,7 +57,7 @@ class ActivationEstimate:
 
 def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkpointing: str,
                         impl: str = "kernels", grads: int = 0, quantized: bool = False,
-                        kept: int = 0, device: str = "cuda") -> ActivationEstimate:
+                        kept: int = 0, device: str = "cuda", context: int = 0) -> ActivationEstimate:
     """Activation bytes of one step over `n_tokens` tokens (batch x sequence length).
 
     quantized: NF4 base weights, dequantized one at a time for each matmul (the largest, intermediate x hidden,
@@ -69,11 +69,12 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     the others are offloaded. "off" keeps every layer, "plain" and "offload" none.
     device: "cuda" copies offloaded inputs on a side stream (one stays allocated until its copy is seen done);
     on "cpu" the copies are synchronous.
+    context: the sequence length the tokens come in (eager attention's scores grow with it; SDPA's do not exist).
     """
     targets = frozenset(targets)
     kept = s.layers if checkpointing == "off" else kept if checkpointing == "auto" else 0
     recomputed = s.layers - kept
-    saved = layer_saved(s, a, r, targets, impl)
+    saved = layer_saved(s, a, r, targets, impl, context)
     shared = 2 * a * s.head_dim  # rotary cos and sin, computed once per forward
     head = head_bytes(s, a, n_tokens, impl)
 
@@ -93,7 +94,7 @@ def activation_estimate(s: Shape, n_tokens: int, a: int, r: int, targets, checkp
     # Attention's backward comes after the MLP's, whose saved tensors are gone by then; with the MLP tiled, it is
     # where the layer peaks at long context. Only the norm's saved input (the checkpointed input) is not its own.
     attention_phase = (saved.other - (a * s.hidden if impl == "kernels" else 0)
-                       + attention_backward(s, a, flash=device == "cuda" and sdpa_runs_flash()))
+                       + attention_backward(s, a, flash=device == "cuda" and sdpa_runs_flash(), context=context))
     # Offloading on CUDA: one more layer input stays allocated until the caching allocator sees that its copy to
     # the host (recorded on the side stream) has finished: measured after forward and in backward alike.
     in_flight = a * s.hidden if offload and recomputed and device == "cuda" else 0

@@ -8,7 +8,7 @@ come from the per-token model in activations.py.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from ..device import resolve_dtype
 from ..errors import ConfigError
 from ..train.keep import Recipe, layers_to_keep
+from ..train.offload import find_decoder_layers
 from .activations import (
     CHECKPOINTING,
     DEVICES,
@@ -232,12 +233,23 @@ def _implementation(kernels, device, implementation) -> str:
     return "kernels" if kernels else "hf"
 
 
+def model_shape(config, model: nn.Module) -> Shape:
+    """The activation Shape of `model` (built from `config`). A config no model was loaded with names no attention
+    yet: the loader's choice for its family applies (eager for Gemma-2)."""
+    from ..models.families import family_of
+
+    shape = Shape.from_config(config, find_decoder_layers(model)[0])
+    if getattr(config, "_attn_implementation", None) is None:
+        shape = replace(shape, eager=family_of(config).attention == "eager")
+    return shape
+
+
 class _Fixed:
     """What does not depend on sequence length or batch size, computed once per configuration."""
 
     def __init__(self, config, r, target_modules, load_in_4bit, optimizer, dtype):
         model = meta_model(config, dtype)
-        self.shape = Shape.from_config(config)
+        self.shape = model_shape(config, model)
         self.targets = frozenset(target_modules or default_targets(config))
         lora = lora_shapes(model, r, self.targets)
         numels = [n for pair in lora for n in pair]
@@ -285,9 +297,10 @@ def estimate(model_name_or_config, seq_len: int, batch_size: int = 1, r: int = 1
             gpu_memory = gpu_memory if gpu_memory is not None else _device_memory()
             recipe = Recipe(fixed.shape, r, fixed.targets, implementation)
             free = gpu_memory - (fixed.weights + fixed.lora + fixed.optimizer + runtime)
-            kept = layers_to_keep(recipe, a, n_tokens, free - recipe.headroom(a, n_tokens))
+            kept = layers_to_keep(recipe, a, n_tokens, free - recipe.headroom(a, n_tokens, seq_len), seq_len)
     act = activation_estimate(fixed.shape, n_tokens, a, r, fixed.targets, mode, implementation,
-                              grads=fixed.gradients, quantized=load_in_4bit, kept=kept, device=device)
+                              grads=fixed.gradients, quantized=load_in_4bit, kept=kept, device=device,
+                              context=seq_len)
     # The optimizer step's own temporaries, with every gradient allocated (the convention `act.peak` follows).
     step = optimizer_step_transient(optimizer, fixed.lora, device)
     values = {"weights": fixed.weights, "lora": fixed.lora, "gradients": fixed.gradients,

@@ -8,6 +8,10 @@ Two implementations are modelled: "kernels" (slothbook's patched forwards: fused
 RMSNorm and RoPE kernels, fused linear cross-entropy) and "hf" (transformers' modules with PEFT's LoRA layers and
 transformers' loss). The "hf" inventories were taken tensor by tensor from saved-tensor hooks; the transient terms
 were fitted to exact CPU allocation tracking (see docs/profiler.md).
+
+Attention is modelled as SDPA's flash/efficient kernels (a log-sum-exp per head, no score matrix) unless the model
+runs transformers' eager attention (Gemma-2, whose soft-capped scores SDPA cannot compute): that keeps the
+[heads x context] scores of every token, so its bytes per token grow with the context length.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ class Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    norms: int = 2  # RMSNorms over the hidden size per layer (Gemma-2 and -3 also norm each block's output)
+    eager: bool = False  # attention materialises its scores (transformers' eager attention)
+    softcap: bool = False  # the scores are soft-capped (Gemma-2): one more saved copy of them
 
     @property
     def q(self) -> int:
@@ -41,12 +48,31 @@ class Shape:
         return self.kv_heads * self.head_dim
 
     @classmethod
-    def from_config(cls, config) -> Shape:
+    def from_config(cls, config, layer=None) -> Shape:
+        """The shape of `config`'s model; `layer` (one of its decoder layers, meta tensors will do) is where the
+        norms are counted, two without it. The attention is the config's attn_implementation, as set when the
+        model was built."""
         text = getattr(config, "text_config", None) or config
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        norms = 2 if layer is None else sum(_is_norm_over(m, text.hidden_size) for m in layer.children())
         return cls(text.num_hidden_layers, text.hidden_size, text.intermediate_size, heads,
-                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size)
+                   getattr(text, "num_key_value_heads", None) or heads, head_dim, text.vocab_size, norms,
+                   eager=getattr(text, "_attn_implementation", None) == "eager",
+                   softcap=bool(getattr(text, "attn_logit_softcapping", None)))
+
+
+def _is_norm_over(module, width: int) -> bool:
+    weight = getattr(module, "weight", None)
+    return weight is not None and tuple(weight.shape) == (width,)
+
+
+def _scores(s: Shape, a: int, context: int) -> int:
+    """Bytes per token that eager attention saves of its [heads x context] scores: softmax's fp32 output, its cast
+    back to the activation dtype (what multiplies v), and the soft-cap's tanh output."""
+    if not s.eager:
+        return 0
+    return s.heads * context * (4 + (a if a != 4 else 0) + (a if s.softcap else 0))
 
 
 def _norm(s: Shape, a: int, impl: str) -> int:
@@ -77,9 +103,13 @@ class LayerBytes:
         return self.other + self.mlp
 
 
-def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kernels") -> LayerBytes:
-    """Bytes per token one decoder layer saves for backward when it is not checkpointed."""
-    attention = a * (2 * s.q + 2 * s.kv) + 4 * s.heads  # q, k, v, output, log-sum-exp (flash/efficient SDPA)
+def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kernels", context: int = 0) -> LayerBytes:
+    """Bytes per token one decoder layer saves for backward when it is not checkpointed. `context`: the key length
+    each query sees (the padded sequence length); it matters only to eager attention."""
+    if s.eager:  # q, k and v with k and v repeated to the query heads, the output, the scores
+        attention = a * (2 * s.q + 2 * (s.q if s.kv_heads < s.heads else s.kv)) + _scores(s, a, context)
+    else:
+        attention = a * (2 * s.q + 2 * s.kv) + 4 * s.heads  # q, k, v, output, log-sum-exp (flash/efficient SDPA)
     lora_mid = (LORA_BYTES if impl == "hf" else a) * r  # x A^T per adapter
     attention_lora = _lora_inputs(s, a, targets, impl, [(ATTENTION_TARGETS, s.hidden), (("o_proj",), s.q)])
     # The fused MLP recomputes act(gate) * up, down_proj's input, instead of saving it.
@@ -88,7 +118,7 @@ def layer_saved(s: Shape, a: int, r: int, targets: frozenset, impl: str = "kerne
     mlp_adapters = len(targets & MLP_TARGETS)
     # hf: gate and up outputs plus the activation's output; the fused MLP keeps gate and up and recomputes the rest.
     mlp = (3 if impl == "hf" else 2) * a * s.intermediate + mlp_lora + lora_mid * mlp_adapters
-    other = 2 * _norm(s, a, impl) + attention + attention_lora + lora_mid * (len(targets) - mlp_adapters)
+    other = s.norms * _norm(s, a, impl) + attention + attention_lora + lora_mid * (len(targets) - mlp_adapters)
     return LayerBytes(other, mlp)
 
 
@@ -105,7 +135,7 @@ def layer_transient(s: Shape, a: int, impl: str, recompute: bool) -> LayerBytes:
     return LayerBytes(round(a * per_h * s.hidden), round(a * per_i * s.intermediate))
 
 
-def attention_backward(s: Shape, a: int, flash: bool = False) -> int:
+def attention_backward(s: Shape, a: int, flash: bool = False, context: int = 0) -> int:
     """Bytes per token that a layer's attention backward has alive beyond the layer's saved tensors.
 
     The gradient that reached the layer (H) and the attention output's gradient with its head-major copy (2 q);
@@ -114,8 +144,13 @@ def attention_backward(s: Shape, a: int, flash: bool = False) -> int:
     head. `flash`: the flash backend (torch's choice on Ampere and Ada) holds 4 q more. With the MLP tiled this
     is where a long-context layer's backward peaks. benchmarks/attention_memory.py measured SDPA's part for
     Llama-3.1-8B's heads on an H200: cuDNN 45,184 and flash 61,568 bytes per token.
+    Eager attention instead: dq, dk, dv (repeated to the query heads under grouped-query attention) and, per head
+    and key position, the scores' gradient in fp32 beside one in the activation dtype (measured with the CPU's
+    allocation tracker: 6 bytes in bf16, 8 in fp32), over `context` keys.
     """
     gqa = 2 * a * s.q if s.kv_heads < s.heads else 0
+    if s.eager:
+        return a * s.hidden + 2 * a * s.q + a * (s.q + 2 * s.kv) + gqa + s.heads * context * (4 + a)
     sdpa = a * (s.q + 2 * s.kv) + 4 * s.q + gqa + 4 * s.heads + (4 * s.q if flash else 0)
     return a * s.hidden + 2 * a * s.q + sdpa
 

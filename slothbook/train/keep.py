@@ -8,7 +8,8 @@ activations before the first recompute of a checkpointed layer needs its working
 The plan is made once per training forward, at the first decoder layer, from the memory free then: cudaMemGetInfo's
 free bytes plus what the caching allocator holds unused (no device synchronisation), less a headroom of
 - two layers' worth: the saved tensors and backward working set of one layer, twice (the recompute of a
-  checkpointed layer next to the prefetched input of the one below it, and slack for the formula);
+  checkpointed layer next to the prefetched input of the one below it, and slack for the formula); the working
+  set is the larger of the MLP's backward and attention's;
 - the loss head's working set (a chunk of logits with the fused cross-entropy; all of them on transformers' path);
 - HEADROOM_FIXED (1.5 GiB): the LoRA gradients that appear in backward, the optimizer's state at the first step and
   its step temporaries, a dequantized 4-bit weight, and the allocator's fragmentation.
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .activation_bytes import Shape, head_bytes, layer_saved, layer_transient
+from .activation_bytes import Shape, attention_backward, head_bytes, layer_saved, layer_transient
 
 HEADROOM_FIXED = 3 << 29  # 1.5 GiB, see the module docstring
 
@@ -38,21 +39,24 @@ class Recipe:
     targets: frozenset
     impl: str  # "kernels" (slothbook's patched forwards) or "hf"
 
-    def kept_bytes(self, a: int) -> int:
-        """Bytes per token one layer holds from its forward to its backward when it is not checkpointed."""
-        return layer_saved(self.shape, a, self.r, self.targets, self.impl).total
+    def kept_bytes(self, a: int, context: int) -> int:
+        """Bytes per token one layer holds from its forward to its backward when it is not checkpointed, with
+        `context` keys per query (the sequence length; eager attention's scores grow with it)."""
+        return layer_saved(self.shape, a, self.r, self.targets, self.impl, context).total
 
-    def headroom(self, a: int, n_tokens: int) -> int:
+    def headroom(self, a: int, n_tokens: int, context: int) -> int:
         """Bytes left free for the backward working sets (see the module docstring)."""
         s = self.shape
-        working = max(layer_transient(s, a, self.impl, recompute).total for recompute in (False, True))
-        layer = self.kept_bytes(a) + working + 2 * a * s.hidden  # + the layer's input and the prefetched one
+        working = max(*(layer_transient(s, a, self.impl, recompute).total for recompute in (False, True)),
+                      attention_backward(s, a, flash=True, context=context))
+        layer = self.kept_bytes(a, context) + working + 2 * a * s.hidden  # + the layer's input and the prefetched one
         return 2 * n_tokens * layer + head_bytes(s, a, n_tokens, self.impl).peak + HEADROOM_FIXED
 
 
-def layers_to_keep(recipe: Recipe, a: int, n_tokens: int, room: int) -> int:
-    """How many layers' activations over `n_tokens` tokens fit in `room` bytes (0 to all)."""
-    per_layer = n_tokens * recipe.kept_bytes(a)
+def layers_to_keep(recipe: Recipe, a: int, n_tokens: int, room: int, context: int) -> int:
+    """How many layers' activations over `n_tokens` tokens, `context` to a sequence, fit in `room` bytes (0 to
+    all)."""
+    per_layer = n_tokens * recipe.kept_bytes(a, context)
     return max(0, min(recipe.shape.layers, room // per_layer))
 
 
@@ -105,11 +109,11 @@ class KeepPlan:
             self.kept = 0
             return 0
         recipe = self.recipe()
-        a, n_tokens = hidden.element_size(), hidden.numel() // hidden.shape[-1]
+        a, n_tokens, context = hidden.element_size(), hidden.numel() // hidden.shape[-1], hidden.shape[-2]
         if measured:
-            room = free_device_bytes(hidden.device) - recipe.headroom(a, n_tokens)
+            room = free_device_bytes(hidden.device) - recipe.headroom(a, n_tokens, context)
             budget = int(room * (budget if isinstance(budget, float) else 1))
-        self.kept = layers_to_keep(recipe, a, n_tokens, budget)
+        self.kept = layers_to_keep(recipe, a, n_tokens, budget, context)
         return self.kept
 
     def recipe(self) -> Recipe:
@@ -129,4 +133,4 @@ def recipe_of(config, layer: nn.Module) -> Recipe:
         if hasattr(module, "lora_A") and isinstance(ranks, dict) and ranks:
             targets.add(name.rsplit(".", 1)[-1])
             r = max(r, *ranks.values())
-    return Recipe(Shape.from_config(config), r, frozenset(targets), "kernels" if is_patched(layer) else "hf")
+    return Recipe(Shape.from_config(config, layer), r, frozenset(targets), "kernels" if is_patched(layer) else "hf")

@@ -60,7 +60,7 @@ def mlp_calls(model, ids):
 
 def layer_bytes(model, ids) -> int:
     """What the plan charges for one kept layer over these tokens."""
-    return ids.numel() * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(4)
+    return ids.numel() * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(4, ids.shape[1])
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_the_offload_path_with_kept_layers(model, ids, plain):
 
 
 def test_the_plan_follows_the_tokens_of_each_forward(model):
-    budget = 4 * BATCH * SEQ * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(4)
+    budget = 4 * BATCH * SEQ * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(4, SEQ)
     set_gradient_checkpointing(model, "auto", memory_budget=budget)
     try:
         for length, kept in ((SEQ, 4), (2 * SEQ, 2), (SEQ // 2, 8)):
@@ -167,7 +167,8 @@ def saved_bytes_per_token(model, ids, index=1) -> float:
 
     def pack(t):
         storage = t.untyped_storage()
-        if state["on"] and storage.data_ptr() not in params | state["shared"]:
+        # A 1-D tensor has no token dimension: saved once a step whatever the tokens (Gemma's 1 + weight).
+        if state["on"] and t.dim() > 1 and storage.data_ptr() not in params | state["shared"]:
             state["saved"][storage.data_ptr()] = storage.nbytes()
         return t
 
@@ -184,9 +185,11 @@ def saved_bytes_per_token(model, ids, index=1) -> float:
 def assert_plan_covers(model, ids, a):
     recipe = recipe_of(model.config, find_decoder_layers(model)[0])
     measured = saved_bytes_per_token(model, ids)
+    planned = recipe.kept_bytes(a, ids.shape[1])
     assert measured > 0
     # An over-estimate only keeps fewer layers; an under-estimate could run out of memory.
-    assert measured <= recipe.kept_bytes(a) <= 2 * measured, (recipe, measured, recipe.kept_bytes(a))
+    assert measured <= planned <= 2 * measured, (recipe, measured, planned)
+    return measured, planned
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -224,6 +227,35 @@ def test_plan_bytes_cover_what_a_layer_saves_kernel_path():
     model = tiny_llama(kernels=True)
     assert recipe_of(model.config, find_decoder_layers(model)[0]).impl == "kernels"
     assert_plan_covers(model, torch.randint(3, 256, (2, 32)), 4)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["hf", "kernels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plan_bytes_cover_gemma2_eager_attention_whose_scores_grow_with_the_sequence(kernels, dtype):
+    """Gemma-2 runs eager attention (soft-capped scores): a layer saves [heads x seq] scores per token, and four
+    norms. A plan blind to that kept every layer of Gemma-2-9B at 2048x4 on a 140 GB GPU and ran out of memory."""
+    from transformers import AutoModelForCausalLM
+
+    from slothbook.models.families.tiny import tiny_config
+    from slothbook.models.patch import patch_model
+
+    config = tiny_config("gemma2", vocab_size=256, sliding_window=4096)  # no window: every key is seen
+    torch.manual_seed(0)
+    model = FastLanguageModel.get_peft_model(AutoModelForCausalLM.from_config(config, dtype=dtype), r=8,
+                                             use_gradient_checkpointing=False)
+    if kernels:
+        patch_model(model)
+    model.train()
+    recipe = recipe_of(model.config, find_decoder_layers(model)[0])
+    assert recipe.shape.eager and recipe.shape.softcap and recipe.shape.norms == 4
+    a = dtype.itemsize
+    # 256 tokens in both: what does not grow with the tokens weighs the same per token, and the difference is the
+    # scores alone.
+    (short, planned_short), (long, planned_long) = (assert_plan_covers(model, torch.randint(3, 256, shape), a)
+                                                    for shape in ((8, 32), (2, 128)))
+    # 96 more keys per query: softmax's fp32 output, its bf16 cast when not fp32, the soft-cap's tanh output.
+    assert long - short == pytest.approx(config.num_attention_heads * 96 * 8, rel=0.02)
+    assert planned_long - planned_short == config.num_attention_heads * 96 * 8
 
 
 def test_a_kept_layer_never_tiles_its_mlp():
@@ -272,7 +304,7 @@ def test_cuda_auto_keeps_every_layer_when_it_fits_and_offloads_under_a_small_bud
         set_gradient_checkpointing(model, True)
         plain_loss, plain_grads, _ = step()
 
-        per_layer = ids.numel() * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(2)
+        per_layer = ids.numel() * recipe_of(model.config, find_decoder_layers(model)[0]).kept_bytes(2, ids.shape[1])
         set_gradient_checkpointing(model, "auto", memory_budget=2 * per_layer)
         step()
         small_loss, small_grads, small_peak = step()
