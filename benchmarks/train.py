@@ -673,7 +673,8 @@ def merge_documents(docs: list[dict]) -> dict:
     merged = {"device": first.get("device"), "device_details": first.get("device_details", {}),
               "versions": versions, "date": max(d.get("date", "") for d in docs),
               "command": " ; ".join(d.get("command", "") for d in docs), "rows": list(rows.values()), "notes": notes,
-              "parts": [{k: d.get(k) for k in ("command", "date", "device", "versions")} for d in docs]}
+              "parts": [{k: part.get(k) for k in ("command", "date", "device", "versions")}
+                        for d in docs for part in d.get("parts") or [d]]}  # a merged file brings its parts
     if profiles:
         merged["profiles"] = profiles
     return merged

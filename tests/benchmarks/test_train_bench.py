@@ -213,6 +213,12 @@ def test_merge_keeps_later_rows_and_every_part(tmp_path):
     assert f"| {config} | slothbook | - | 2.0 | 1.0 | 50% | 1.0 | 1.0 |" in done.stdout
     assert f"#### hf, {config}" in done.stdout
     assert "| `sm90_xmma_gemm_bf16bf16` | matmul | 1 | 1.00 | 100.0% |" in done.stdout
+    # A merged file merged again (results kept from an earlier session) brings its parts, not one joined part.
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps(_doc("c", [row("liger", 5.0)], {"torch": "2.11"})))
+    again = tmp_path / "again.json"
+    _run("--merge", str(out), str(c), "--out", str(again), timeout=120)
+    assert [p["command"] for p in json.loads(again.read_text())["parts"]] == ["a", "b", "c"]
 
 
 def test_spent_budget_records_what_did_not_run(tmp_path):
