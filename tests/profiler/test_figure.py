@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from slothbook.profiler import MemoryProfiler
 from slothbook.profiler.samples import DEVICE_CATEGORIES
@@ -73,6 +71,9 @@ print(type(prof._figure).__name__, seen, prof._figure.model_id)
 
 @pytest.mark.timeout(600)
 def test_live_widget_builds_and_updates_in_a_jupyter_kernel(train_model_name, tmp_path):
+    # Imported here: the GPU image has no Jupyter packages, and this module's other tests must still collect there.
+    nbformat = pytest.importorskip("nbformat")
+    NotebookClient = pytest.importorskip("nbclient").NotebookClient
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell(SETUP.format(name=train_model_name)), nbformat.v4.new_code_cell(TRAIN)]
     NotebookClient(nb, km=_kernel_manager(tmp_path), timeout=300, store_widget_state=True).execute()
