@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import socket
+import os
 
 import pytest
 import torch
@@ -14,15 +14,9 @@ from slothbook.profiler import MemoryProfiler, gather_peaks, peaks_line
 from slothbook.profiler.ranks import run_peak
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int, out: str) -> None:
     """Train a small MLP for three steps with a batch that grows with the rank, then gather the peaks."""
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
@@ -36,15 +30,17 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
                 prof.step()
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"own": run_peak(prof), "gathered": gather_peaks(prof)}, f)
-        # Both ranks tear down together: rank 0 hosts the store, and leaving while rank 1 still talks to it
-        # aborted rank 0's gloo threads once in a CI run ("terminate called without an active exception").
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # and leave together
     finally:
         torch.distributed.destroy_process_group()
+    # Done and written: leave without the interpreter's teardown. A training process that used gloo sometimes
+    # aborts in C++ static destruction at exit ("terminate called without an active exception"; about 1 in 30
+    # under load, with no slothbook code involved), which mp.spawn reports as a failed rank.
+    os._exit(0)
 
 
 def test_every_rank_gets_every_ranks_peak_in_rank_order(tmp_path):
-    mp.spawn(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["gathered"] == r1["gathered"] == [r0["own"], r1["own"]]
     assert r1["own"] > r0["own"] > 0  # the larger batch peaks higher: the gather did not mix ranks up
